@@ -1,0 +1,8 @@
+"""Model math only: config and presets, layers, the recyclable module, KV caches. No launching."""
+from model.config import PRESETS, ModelConfig, preset
+from model.gpt import LossOutput, RecycleGPT, recycle_objective
+from model.kv_cache import KVCache
+from model.spec import LocalSpec
+
+__all__ = ["PRESETS", "ModelConfig", "preset", "RecycleGPT", "LossOutput", "recycle_objective", "KVCache",
+           "LocalSpec"]

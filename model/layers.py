@@ -1,0 +1,114 @@
+"""LLaMA-style building blocks: RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP.
+
+Names follow megatron-core (`linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`) so checkpoint key
+maps stay trivial. Every layer is built through a spec (model/spec.py); under tensor parallelism a rank
+holds `num_heads / tp` query heads and `num_kv_heads / tp` key/value heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back, as LLaMA does, so bf16 training matches the reference numerics.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotate-half rotary embeddings (the HF LLaMA convention, so weights map 1:1)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} exceeds the rotary table "
+                             f"({self.cos.shape[0]} positions); raise model.max_seq_len")
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, T, hd]; cos/sin: [T, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec):
+        super().__init__()
+        hd = cfg.head_dim
+        self.head_dim = hd
+        self.local_heads = cfg.num_heads // spec.tp_size
+        self.local_kv_heads = cfg.num_kv_heads // spec.tp_size
+        q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        self.linear_qkv = spec.column_linear(cfg.hidden_size, q + 2 * kv, fused_sizes=(q, kv, kv))
+        self.linear_proj = spec.row_linear(q, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        qkv = self.linear_qkv(x)
+        q, k, v = qkv.split([self.local_heads * hd, self.local_kv_heads * hd, self.local_kv_heads * hd], -1)
+        q = apply_rotary(q.view(B, T, -1, hd).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(B, T, -1, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.write(layer_idx, k, v)
+        gqa = self.local_heads != self.local_kv_heads
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif T == 1:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            # New query j sits at absolute position past + j and sees every key up to it.
+            keep = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
+        return self.linear_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec):
+        super().__init__()
+        f = cfg.ffn_hidden_size
+        self.local_ffn = f // spec.tp_size
+        # One matmul for gate and up; under TP each rank holds [gate_r; up_r] so the split below stays local.
+        self.linear_fc1 = spec.column_linear(cfg.hidden_size, 2 * f, fused_sizes=(f, f))
+        self.linear_fc2 = spec.row_linear(f, cfg.hidden_size)
+
+    def forward(self, x):
+        gate, up = self.linear_fc1(x).split(self.local_ffn, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attention = Attention(cfg, spec)
+        self.pre_mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg, spec)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_idx: int = 0):
+        x = x + self.self_attention(self.input_norm(x), cos, sin, cache, layer_idx)
+        return x + self.mlp(self.pre_mlp_norm(x))

@@ -1,0 +1,81 @@
+"""Pure key maps between our state dict and Hugging Face `LlamaForCausalLM` (plus the module's own file).
+
+Our fused weights split cleanly: linear_qkv = [q_proj; k_proj; v_proj] and linear_fc1 = [gate_proj; up_proj],
+both with the rotate-half rotary convention HF LLaMA uses, so no head permutation is needed.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+
+_LAYER_RENAMES = {
+    "input_norm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def _layer_to_hf(cfg: ModelConfig, ours: dict, prefix_in: str, prefix_out: str) -> dict:
+    out = {}
+    for ours_key, hf_key in _LAYER_RENAMES.items():
+        out[prefix_out + hf_key] = ours[prefix_in + ours_key]
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    wq, wk, wv = ours[prefix_in + "self_attention.linear_qkv.weight"].split([q, kv, kv])
+    out[prefix_out + "self_attn.q_proj.weight"] = wq
+    out[prefix_out + "self_attn.k_proj.weight"] = wk
+    out[prefix_out + "self_attn.v_proj.weight"] = wv
+    gate, up = ours[prefix_in + "mlp.linear_fc1.weight"].chunk(2)
+    out[prefix_out + "mlp.gate_proj.weight"] = gate
+    out[prefix_out + "mlp.up_proj.weight"] = up
+    return out
+
+
+def _layer_from_hf(hf: dict, prefix_in: str, prefix_out: str) -> dict:
+    out = {prefix_out + ours: hf[prefix_in + theirs] for ours, theirs in _LAYER_RENAMES.items()}
+    out[prefix_out + "self_attention.linear_qkv.weight"] = torch.cat(
+        [hf[prefix_in + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+    out[prefix_out + "mlp.linear_fc1.weight"] = torch.cat(
+        [hf[prefix_in + "mlp.gate_proj.weight"], hf[prefix_in + "mlp.up_proj.weight"]])
+    return out
+
+
+def to_hf(cfg: ModelConfig, ours: dict) -> tuple[dict, dict]:
+    """Our state dict -> (LlamaForCausalLM state dict, recyclable-module state dict in HF-style names)."""
+    base = {"model.embed_tokens.weight": ours["embedding.weight"],
+            "model.norm.weight": ours["final_norm.weight"],
+            "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        base.update(_layer_to_hf(cfg, ours, f"layers.{i}.", f"model.layers.{i}."))
+    module = {}
+    if cfg.recycle_layers:
+        for name in ("hidden_norm.weight", "embed_norm.weight", "linear_in.weight", "final_norm.weight"):
+            module[f"recycle.{name}"] = ours[f"recycle.{name}"]
+        for i in range(cfg.recycle_layers):
+            module.update(_layer_to_hf(cfg, ours, f"recycle.layers.{i}.", f"recycle.layers.{i}."))
+    return {k: v.contiguous() for k, v in base.items()}, {k: v.contiguous() for k, v in module.items()}
+
+
+def from_hf(cfg: ModelConfig, base: dict, module: dict | None = None) -> dict:
+    """Inverse of `to_hf`. Without a module file the module keys are absent (load with strict=False)."""
+    ours = {"embedding.weight": base["model.embed_tokens.weight"],
+            "final_norm.weight": base["model.norm.weight"],
+            "lm_head.weight": base["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        ours.update(_layer_from_hf(base, f"model.layers.{i}.", f"layers.{i}."))
+    if module:
+        for name in ("hidden_norm.weight", "embed_norm.weight", "linear_in.weight", "final_norm.weight"):
+            ours[f"recycle.{name}"] = module[f"recycle.{name}"]
+        for i in range(cfg.recycle_layers):
+            ours.update(_layer_from_hf(module, f"recycle.layers.{i}.", f"recycle.layers.{i}."))
+    return ours
+
+
+def llama_config_kwargs(cfg: ModelConfig) -> dict:
+    """Arguments for `transformers.LlamaConfig` describing our base model."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                attention_bias=False, mlp_bias=False, hidden_act="silu")
