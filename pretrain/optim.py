@@ -1,0 +1,35 @@
+"""AdamW with decoupled weight decay on matrices only, and a linear-warmup + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Norm gains and other vectors are not decayed (GPT-2 / LLaMA practice); embeddings and matrices are.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+    on_gpu = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
+                             betas=(train.beta1, train.beta2), eps=1e-8, fused=on_gpu or None)
+
+
+def lr_factor(step: int, train) -> float:
+    """Multiplier of train.lr at optimizer step `step` (0-based): warmup to 1, cosine to min_lr/lr."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    span = max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    floor = train.min_lr / train.lr if train.lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))

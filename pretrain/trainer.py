@@ -1,0 +1,184 @@
+"""The training loop: micro-batches -> DeepSpeed engine -> metrics, evaluation, checkpoints, resume."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint
+from pretrain.config import RunConfig, save_config
+from pretrain.data import Batches, build_run_datasets
+from pretrain.metrics import MetricsLogger, plot_losses
+
+log = logging.getLogger("recyclegpt.train")
+
+
+class StopRequested:
+    """SIGTERM/SIGUSR1 (SLURM pre-emption, scancel --signal) set a flag; the loop saves at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True if any rank saw the flag (so every rank saves and stops together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, runtime):
+        """runtime: the parallel side (engine, dp size/rank, is_logging_rank, device), built by pretrain.train."""
+        self.cfg, self.rt = cfg, runtime
+        self.engine = runtime.engine
+        self.run_dir = cfg.run_dir
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.train_set, self.valid_set = build_run_datasets(cfg, runtime.dp_size)
+        self.step, self.consumed = 0, 0
+
+    # ------------------------------------------------------------------------------------ set-up
+    def prepare_run_dir(self):
+        if self.rt.is_logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            tok_dst = self.run_dir / "tokenizer"
+            if not tok_dst.exists():
+                tmp = self.run_dir / "tokenizer.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(self.cfg.data.tokenizer, tmp)
+                tmp.replace(tok_dst)
+
+    def resume(self):
+        client = checkpoint.load(self.engine, checkpoint.checkpoint_dir(self.run_dir))
+        if client:
+            self.step, self.consumed = client["step"], client["consumed_samples"]
+            log.info("resumed from %s at step %d (%d samples consumed)",
+                     checkpoint.latest_tag(checkpoint.checkpoint_dir(self.run_dir)), self.step, self.consumed)
+
+    # ------------------------------------------------------------------------------------- steps
+    def train_step(self, batches: Batches) -> dict:
+        sums = {"loss": 0.0, "lm_loss": 0.0, "recycle_loss": 0.0}
+        accum = self.engine.gradient_accumulation_steps()
+        finite = True
+        for micro in range(accum):
+            out = self.rt.forward(self.engine, batches.next(), train=True)
+            finite &= bool(torch.isfinite(out.loss).item())
+            self.engine.backward(out.loss)
+            if micro == accum - 1:
+                self.grad_norm = self.rt.grad_norm(self.engine)  # before the step clips the gradients
+            self.engine.step()
+            for key in sums:
+                value = getattr(out, key)
+                sums[key] += value.item() / accum if value is not None else math.nan
+        if math.isnan(self.grad_norm):
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else math.nan
+        self.consumed += self.cfg.train.global_batch_size
+        return {k: self.rt.average_over_dp(v) for k, v in sums.items()} | {"finite": finite}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.valid_set is None:
+            return {}
+        self.engine.eval()
+        batches = Batches(self.valid_set, 0, self.cfg.train.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "recycle_loss": 0.0}
+        n = self.cfg.train.eval_iters
+        for _ in range(n):
+            out = self.rt.forward(self.engine, batches.next(), train=False)
+            for key in sums:
+                value = getattr(out, key)
+                sums[key] += value.item() / n if value is not None else math.nan
+        self.engine.train()
+        row = {k: self.rt.average_over_dp(v) for k, v in sums.items()}
+        row["ppl"] = math.exp(min(row["lm_loss"], 50.0))
+        return row
+
+    def save(self):
+        meta = {"model": self.cfg.model.build().to_dict(), "run_dir": str(self.run_dir)}
+        checkpoint.save(self.engine, self.run_dir, self.step, self.consumed, meta, self.cfg.checkpoint.keep_last)
+        log.info("saved checkpoint step_%d", self.step)
+
+    # -------------------------------------------------------------------------------------- loop
+    def fit(self) -> str:
+        """Train to cfg.train.steps (a total, so a rerun resumes); returns 'done' or 'stopped:<SIGNAL>'."""
+        t = self.cfg.train
+        self.prepare_run_dir()
+        self.resume()
+        metrics = MetricsLogger(self.run_dir, self.rt.is_logging_rank, self.cfg.log.tensorboard, self.step)
+        stop = StopRequested()
+        batches = Batches(self.train_set, self.consumed, t.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
+        bad_in_a_row, last_saved = 0, self.step
+        start_step, t0 = self.step, time.perf_counter()
+        while self.step < t.steps:
+            tic = time.perf_counter()
+            stats = self.train_step(batches)
+            self.step += 1
+            dt = time.perf_counter() - tic
+            if not stats.pop("finite"):
+                bad_in_a_row += 1
+                log.warning("step %d: non-finite loss %s (%d in a row)", self.step, stats["loss"], bad_in_a_row)
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: lower "
+                                       "train.lr, check the data, or resume from an earlier checkpoint")
+            else:
+                bad_in_a_row = 0
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                row = {"step": self.step, **stats, "lr": self.engine.get_lr()[0],
+                       "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_step / dt,
+                       "consumed_samples": self.consumed}
+                row.update(self.rt.throughput(self.tokens_per_step / dt))
+                metrics.log(row)
+                self._progress(row, start_step, t0)
+            if self.step % t.eval_interval == 0 or self.step == t.steps:
+                ev = self.evaluate()
+                if ev:
+                    metrics.log({"step": self.step, "split": "valid", **ev})
+                    log.info("step %d valid: lm %.4f  recycle %.4f  ppl %.1f", self.step, ev["lm_loss"],
+                             ev["recycle_loss"], ev["ppl"])
+            if all_ranks_agree(stop.signal is not None):
+                self.save()
+                log.info("RECYCLEGPT_STOPPED_FOR_REQUEUE: received %s, saved step_%d, exiting cleanly",
+                         stop.signal or "a stop request", self.step)
+                metrics.close()
+                return f"stopped:{stop.signal}"
+            if self.step % self.cfg.checkpoint.interval == 0 or self.step == t.steps:
+                self.save()
+                last_saved = self.step
+        if last_saved != self.step:
+            self.save()
+        metrics.close()
+        if self.rt.is_logging_rank and self.cfg.log.plot:
+            plot_losses(self.run_dir)
+        return "done"
+
+    def _progress(self, row: dict, start_step: int, t0: float):
+        if not self.rt.is_logging_rank:
+            return
+        done = self.step - start_step
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / max(done, 1) * (self.cfg.train.steps - self.step)
+        rec = row["recycle_loss"]
+        log.info("step %d/%d  loss %.4f  lm %.4f  rec %s  lr %.2e  gnorm %.2f  %.0f tok/s  eta %s",
+                 self.step, self.cfg.train.steps, row["loss"], row["lm_loss"],
+                 "-" if math.isnan(rec) else f"{rec:.4f}", row["lr"], row["grad_norm"], row["tokens_per_s"],
+                 _fmt_seconds(eta))
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
