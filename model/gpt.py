@@ -47,6 +47,23 @@ def recycle_objective(spec, lm_logits, rec_logits, labels, loss_mask, recycle_we
     return LossOutput(lm_loss + recycle_weight * rec_loss, lm_loss, rec_loss)
 
 
+@torch.no_grad()
+def init_parameter(cfg: ModelConfig, name: str, p: torch.Tensor, generator: torch.Generator | None = None):
+    """Normal(0, std) everywhere; output projections scaled by 1/sqrt(2 * depth) as in GPT-2.
+
+    One parameter at a time, by its full name, so parallel/ can reproduce the one-device initialisation
+    parameter by parameter (and shard it) without materialising a 7B model.
+    """
+    std = cfg.init_std
+    depth = cfg.num_layers + cfg.recycle_layers
+    if name.endswith("norm.weight"):
+        p.fill_(1.0)
+    elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        p.normal_(0.0, std / (2 * depth) ** 0.5, generator=generator)
+    else:
+        p.normal_(0.0, std, generator=generator)
+
+
 class RecycleGPT(nn.Module):
     def __init__(self, cfg: ModelConfig, spec=None):
         super().__init__()
@@ -67,16 +84,8 @@ class RecycleGPT(nn.Module):
     # ----------------------------------------------------------------------------------------- init
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
-        """Normal(0, std) everywhere; output projections scaled by 1/sqrt(2 * depth) as in GPT-2."""
-        std = self.cfg.init_std
-        depth = self.cfg.num_layers + self.cfg.recycle_layers
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-                p.normal_(0.0, std / (2 * depth) ** 0.5, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter(self.cfg, name, p, generator)
 
     # ---------------------------------------------------------------------------------- the network
     def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None):

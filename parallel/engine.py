@@ -1,0 +1,103 @@
+"""One entry for the trainer: the DeepSpeed engine for any (tp, pp, dp, ZeRO) layout.
+
+    dims = ParallelDims.from_config(model_cfg, cfg.parallel)
+    init_distributed(dims)
+    ds = deepspeed_config(dims, micro_batch=..., global_batch=..., grad_clip=..., zero_stage=...)
+    engine, module = build_engine(model_cfg, dims, ds, seed, optimizer_factory=..., scheduler_factory=...)
+    losses = train_batch(engine, micro_batches)        # same call for pp == 1 and pp > 1
+
+pp == 1: `engine` is a DeepSpeedEngine around RecycleGPT (TP layers inside when tp > 1) and
+`engine(input_ids, labels, loss_mask) -> LossOutput`. pp > 1: a PipelineEngine around `RecyclePipe`;
+drive it with `engine.train_batch(PipeBatches(...))` (what `train_batch` here does).
+
+The optimizer and LR schedule come from the caller as factories, so the trainer keeps one definition for
+every layout: `optimizer_factory(module) -> torch.optim.Optimizer` gets the module this rank trains (the
+model or the pipeline stage; its parameters are this rank's shards), `scheduler_factory(optimizer)` gets
+the torch optimizer. Without an optimizer_factory the DeepSpeed JSON must have an "optimizer" section.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig
+from model.gpt import LossOutput
+from model.spec import LocalSpec
+from parallel.dims import ParallelDims
+from parallel.setup import current
+
+
+def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
+                 recycle_weight: float = 1.0, detach_base: bool = False, activation_checkpointing: bool = False,
+                 optimizer_factory: Callable | None = None, scheduler_factory: Callable | None = None):
+    """-> (engine, module). Weights equal `torch.manual_seed(seed); RecycleGPT(model_cfg)` on every layout."""
+    import deepspeed
+
+    from parallel.pipeline import RecyclePipe
+    from parallel.tensor_parallel import TensorParallelSpec, build_tp_model
+
+    ctx = current()
+    if (ctx.dims.tp, ctx.dims.pp, ctx.dims.dp) != (dims.tp, dims.pp, dims.dp):
+        raise ValueError(f"build_engine got {dims} but the process groups were built for {ctx.dims}")
+    dims.validate_model(model_cfg)
+    if optimizer_factory is None and "optimizer" not in ds_config:
+        raise ValueError("build_engine needs an optimizer_factory or an 'optimizer' section in the DeepSpeed config")
+    spec = TensorParallelSpec(dims.tp) if dims.tp > 1 else LocalSpec()
+    if dims.pp == 1:
+        module = build_tp_model(model_cfg, seed, spec)
+        module.recycle_weight = recycle_weight
+        module.activation_checkpointing = activation_checkpointing
+        if detach_base:
+            module.freeze_base()
+        mpu = ctx.grid
+    else:
+        module = RecyclePipe(model_cfg, spec, ctx.topology, seed, recycle_weight, detach_base,
+                             activation_checkpointing)
+        mpu = None                                   # the PipelineModule brings its own grid
+    module.to(ctx.device)
+    optimizer = optimizer_factory(module) if optimizer_factory is not None else None
+    params = None if optimizer is not None else [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params,
+                                           lr_scheduler=scheduler_factory, mpu=mpu, config=ds_config)
+    return engine, module
+
+
+def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches ({'tokens', 'labels',
+    'loss_mask'} dicts, this dp rank's) -> (loss, lm_loss, recycle_loss) averaged over micro-batches and
+    dp, on every rank. Works for the plain and the pipeline engine."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from parallel.pipeline import PipeBatches, pipe_losses
+
+    if isinstance(engine, PipelineEngine):
+        engine.train_batch(PipeBatches(micro_batches))
+        out = pipe_losses(engine)
+        return LossOutput(*(None if t is None else t.detach().float().reshape(()) for t in out))
+    device = engine.device
+    sums, n = None, 0
+    it = iter(micro_batches)
+    for _ in range(engine.gradient_accumulation_steps()):
+        b = next(it)
+        mask = b.get("loss_mask")
+        out = engine(b["tokens"].to(device), b["labels"].to(device), None if mask is None else mask.to(device))
+        engine.backward(out.loss)
+        engine.step()
+        parts = [out.loss, out.lm_loss, out.recycle_loss if out.recycle_loss is not None else out.loss * 0]
+        vec = torch.stack([p.detach().float() for p in parts])
+        sums = vec if sums is None else sums + vec
+        n += 1
+    sums /= n
+    dp_group = _data_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(sums, group=dp_group)
+        sums /= dist.get_world_size(dp_group)
+    has_rec = getattr(getattr(engine, "module", None), "recycle", None) is not None
+    return LossOutput(sums[0], sums[1], sums[2] if has_rec else None)
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state as ps
+    return ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None

@@ -1,0 +1,243 @@
+"""The DeepSpeed pipeline: RecycleGPT as a flat list of LayerSpecs (DESIGN.md §2b).
+
+    0            TiedLayerSpec('embed')  (input_ids, labels)        -> (x, labels)
+    1 .. L       DecoderLayerPipe        (x, labels)                -> (x, labels)
+    L+1          FinalNormPipe           (x, labels)                -> (h, labels)
+    L+2          TiedLayerSpec('embed')  (h, labels)                -> (h, labels, E[labels])
+    L+3          HeadPipe                (h, labels, E[labels])     -> (lm_logits, rec_logits)
+    loss_fn      model.gpt.recycle_objective on the last stage
+
+The token ids travel with the activations (ints get no gradient in DeepSpeed's p2p), so the last stage
+has x_{i+1} for the recyclable module's E[x_{i+1}]. The embedding is tied between the first and the last
+stage; DeepSpeed all-reduces the tied gradient, so E gets the sum of the input-embedding and the module's
+contributions, as on one device. The final norm, LM head and module always sit on the last stage; the
+module's layers (and the LM head's cost) count toward that stage's share when the decoder layers are split.
+
+The layers are the model's own classes (DecoderLayer, RMSNorm, RecyclableModule, Rotary); no model math
+is repeated here. Under TP the spec gives each stage megatron-core layers.
+"""
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import ModelConfig
+from model.gpt import LossOutput, recycle_objective
+from model.layers import DecoderLayer, RMSNorm, Rotary
+from model.recycle import RecyclableModule
+from parallel.tensor_parallel import load_init, mark_replicated
+
+
+@functools.cache
+def _rotary(head_dim: int, max_positions: int, theta: float, device: str) -> Rotary:
+    # One cos/sin table per process and device, shared by every layer of the stage (not a parameter).
+    return Rotary(head_dim, max_positions, theta).to(device)
+
+
+def rotary_for(cfg: ModelConfig, device: torch.device) -> Rotary:
+    return _rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, str(device))
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec):
+        super().__init__()
+        self.embedding = spec.embedding(cfg.vocab_size, cfg.hidden_size)
+
+    def forward(self, inputs):
+        input_ids, labels = inputs
+        return self.embedding(input_ids), labels
+
+
+def next_token_embeddings(embed: EmbeddingPipe, inputs):
+    """The tied embedding's second use, on the last stage: E[x_{i+1}] for the recyclable module."""
+    h, labels = inputs
+    return h, labels, embed.embedding(labels)
+
+
+class DecoderLayerPipe(DecoderLayer):
+    def __init__(self, cfg: ModelConfig, spec, activation_checkpointing: bool = False):
+        super().__init__(cfg, spec)
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, inputs):
+        x, labels = inputs
+        cos, sin = rotary_for(self.cfg, x.device)(torch.arange(x.shape[1], device=x.device))
+        if self.activation_checkpointing and self.training:
+            x = checkpoint(super().forward, x, cos, sin, use_reentrant=False)
+        else:
+            x = super().forward(x, cos, sin)
+        return x, labels
+
+
+class FinalNormPipe(RMSNorm):
+    def forward(self, inputs):
+        x, labels = inputs
+        return super().forward(x), labels
+
+
+class HeadPipe(nn.Module):
+    """LM head and recyclable module (RecycleGPT.forward after `hidden`)."""
+
+    def __init__(self, cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False):
+        super().__init__()
+        self.cfg, self.detach_base = cfg, detach_base
+        self.lm_head = spec.lm_head(cfg.hidden_size, cfg.vocab_size)
+        self.recycle = RecyclableModule(cfg, spec) if cfg.recycle_layers else None
+        if self.recycle is not None:
+            self.recycle.activation_checkpointing = activation_checkpointing
+
+    def forward(self, inputs):
+        if self.recycle is None:
+            h, _ = inputs
+            return self.lm_head(h)
+        h, _, next_embeds = inputs
+        g = self.recycle(h.detach() if self.detach_base else h, next_embeds, rotary_for(self.cfg, h.device))
+        return self.lm_head(h), self.lm_head(g)
+
+
+def layer_prefixes(cfg: ModelConfig) -> list[str | None]:
+    """Per pipeline layer index, the prefix that turns its local parameter names into the one-device
+    model's names (None: a tied use whose weights belong to layer 0). Also the checkpoint layer files."""
+    prefixes = [""] + [f"layers.{i}." for i in range(cfg.num_layers)] + ["final_norm."]
+    if cfg.recycle_layers:
+        prefixes.append(None)
+    return prefixes + [""]
+
+
+def stage_layer_counts(cfg: ModelConfig, pp: int) -> list[int]:
+    """Decoder layers per stage, minimising the busiest stage. A decoder layer costs 1; the last stage also
+    carries the module's layers and two LM-head products (next token and token after next)."""
+    L = cfg.num_layers
+    if not 1 <= pp <= L:
+        raise ValueError(f"parallel.pp={pp} must be between 1 and model.num_layers={L}")
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    layer_params = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
+        + 3 * d * f
+    head = cfg.recycle_layers + (2 if cfg.recycle_layers else 1) * cfg.vocab_size * d / layer_params
+    # best[s][n]: (max load, counts) for the first n layers on s stages; the last stage adds `head`.
+    best = {(0, 0): (0.0, [])}
+    for s in range(1, pp + 1):
+        for n in range(s, L - (pp - s) + 1):
+            candidates = []
+            for k in range(s - 1, n):
+                if (s - 1, k) in best:
+                    load = (n - k) + (head if s == pp else 0.0)
+                    prev, counts = best[(s - 1, k)]
+                    candidates.append((max(prev, load), counts + [n - k]))
+            best[(s, n)] = min(candidates, key=lambda c: (c[0], [-x for x in c[1]]))
+    return best[(pp, L)][1]
+
+
+def layer_specs(cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False):
+    specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, tied_weight_attr=["embedding.weight"])]
+    specs += [LayerSpec(DecoderLayerPipe, cfg, spec, activation_checkpointing) for _ in range(cfg.num_layers)]
+    specs.append(LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.norm_eps))
+    if cfg.recycle_layers:
+        specs.append(TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, forward_fn=next_token_embeddings,
+                                   tied_weight_attr=["embedding.weight"]))
+    specs.append(LayerSpec(HeadPipe, cfg, spec, detach_base, activation_checkpointing))
+    return specs
+
+
+class RecyclePipe(PipelineModule):
+    """PipelineModule with our partitioning, loss, weight init and logged partial losses."""
+
+    def __init__(self, cfg: ModelConfig, spec, topology, seed: int | None = None, recycle_weight: float = 1.0,
+                 detach_base: bool = False, activation_checkpointing: bool = False):
+        self.cfg, self.spec, self.recycle_weight = cfg, spec, recycle_weight
+        counts = stage_layer_counts(cfg, topology.get_dim("pipe"))
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        self._parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layer_prefixes(cfg))]
+        self._losses = None
+        super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing), topology=topology,
+                         loss_fn=self._loss, partition_method="recycle", activation_checkpoint_interval=0)
+        if seed is not None:
+            load_init(dict(self.full_named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)
+        mark_replicated(self, spec.tp_rank)
+        for p in self.parameters():
+            if getattr(p, "ds_pipe_replicated", False):
+                # The last stage's copy of the tied embedding: DeepSpeed's fp32 gradient clipping ignores
+                # ds_pipe_replicated and would count it twice; not model-parallel here = counted once (stage 0).
+                p.tensor_model_parallel = p.model_parallel = False
+        if detach_base:                      # RecycleGPT.freeze_base: only the module trains
+            for name, p in self.full_named_parameters():
+                if not name.startswith("recycle."):
+                    p.requires_grad_(False)
+
+    def _synchronize_tied_weights(self):
+        # DeepSpeed broadcasts the tied weight in place; outside no_grad autograd records the broadcast
+        # into the parameter's history (and warns in backward).
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
+    def _partition_layers(self, method="recycle"):
+        self.parts = list(self._parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def full_named_parameters(self):
+        """(one-device model name, parameter) for this rank's parameters; the tied embedding once."""
+        prefixes = layer_prefixes(self.cfg)
+        seen = set()
+        for name, p in self.named_parameters():
+            head, _, rest = name.partition(".")
+            if head == "tied_modules":
+                full = rest.partition(".")[2]            # tied_modules.embed.embedding.weight
+            else:
+                full = prefixes[int(head)] + rest
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield full, p
+
+    def _loss(self, outputs, targets):
+        labels, loss_mask = targets
+        lm_logits, rec_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+        out = recycle_objective(self.spec, lm_logits, rec_logits, labels, loss_mask, self.recycle_weight)
+        self._losses = OrderedDict(lm_loss=out.lm_loss.detach())
+        if out.recycle_loss is not None:
+            self._losses["recycle_loss"] = out.recycle_loss.detach()
+        return out.loss
+
+    def get_additional_losses(self):
+        """DeepSpeed averages these over micro-batches and dp and broadcasts them along the pipe (every
+        stage must name the same keys, hence zeros before the first loss)."""
+        if self._losses is None:
+            zero = torch.zeros((), device=next(self.parameters()).device)
+            names = ["lm_loss"] + (["recycle_loss"] if self.cfg.recycle_layers else [])
+            return OrderedDict((n, zero.clone()) for n in names)
+        return self._losses
+
+
+def pipe_batch(input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None):
+    """One micro-batch as DeepSpeed's pipeline reads it: (first-stage inputs, last-stage targets)."""
+    if loss_mask is None:
+        loss_mask = torch.ones_like(labels, dtype=torch.float32)
+    return (input_ids, labels), (labels, loss_mask.float())
+
+
+class PipeBatches:
+    """Wrap an iterator of {'tokens', 'labels', 'loss_mask'} dicts (the trainer's micro-batches)."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.batches)
+        return pipe_batch(b["tokens"], b["labels"], b.get("loss_mask"))
+
+
+def pipe_losses(engine) -> LossOutput:
+    """The last train_batch's (total, lm, recycle) losses: means over micro-batches and dp, on every rank."""
+    extra = engine.agg_additional_losses or {}
+    return LossOutput(engine.agg_train_loss, extra.get("lm_loss"), extra.get("recycle_loss"))

@@ -1,0 +1,268 @@
+"""Tensor parallelism: the megatron-core layer spec, and the shard maps that keep weights identical.
+
+`TensorParallelSpec` has the methods of `model.spec.LocalSpec` and returns megatron-core
+`ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` (CPU-initialised, so they run on
+gloo; DESIGN.md §2b). The model code does not change: under TP a rank simply holds fewer heads.
+
+Weights never come from megatron's initialisers. The one-device model built with a seed is the
+reference, and every layout (TP, PP, both) receives exactly its weights through pure functions:
+
+    full state dict  --shard_state_dict-->  rank's state dict  --unshard_state_dicts-->  full state dict
+
+`tp_layout(cfg)` says which parameters are split and along which dim (fused ones per block: a rank holds
+[Q_r; K_r; V_r] of linear_qkv and [gate_r; up_r] of linear_fc1). `init_state_dict` reproduces
+`torch.manual_seed(seed); RecycleGPT(cfg)` parameter by parameter, so a 7B rank never holds the full model.
+The same functions reshard checkpoints (TP=2 -> TP=1 and back).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.config import ModelConfig
+from model.gpt import RecycleGPT, init_parameter
+
+# ------------------------------------------------------------------------------------- the layout
+
+
+def tp_layout(cfg: ModelConfig) -> dict[str, tuple[int, tuple[int, ...] | None]]:
+    """{parameter name: (split dim, fused block sizes or None)} for every TP-split parameter of the full
+    model (our key names). Every other parameter (norms, recycle.linear_in) is replicated across TP ranks."""
+    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size
+    layout = {"embedding.weight": (0, None), "lm_head.weight": (0, None)}
+    stacks = [f"layers.{i}." for i in range(cfg.num_layers)]
+    stacks += [f"recycle.layers.{j}." for j in range(cfg.recycle_layers)]
+    for prefix in stacks:
+        layout[prefix + "self_attention.linear_qkv.weight"] = (0, (q, kv, kv))
+        layout[prefix + "self_attention.linear_proj.weight"] = (1, None)
+        layout[prefix + "mlp.linear_fc1.weight"] = (0, (f, f))
+        layout[prefix + "mlp.linear_fc2.weight"] = (1, None)
+    return layout
+
+
+def shard_tensor(full: torch.Tensor, dim: int, fused, tp_rank: int, tp_size: int) -> torch.Tensor:
+    blocks = full.split(list(fused), dim) if fused else [full]
+    for b in blocks:
+        if b.shape[dim] % tp_size:
+            raise ValueError(f"cannot split a block of {b.shape[dim]} along dim {dim} into {tp_size} TP shards")
+    return torch.cat([b.chunk(tp_size, dim)[tp_rank] for b in blocks], dim).clone()
+
+
+def unshard_tensor(shards: list[torch.Tensor], dim: int, fused) -> torch.Tensor:
+    if not fused:
+        return torch.cat(shards, dim)
+    n = len(shards)
+    per_rank = [s // n for s in fused]
+    pieces = [s.split(per_rank, dim) for s in shards]          # pieces[rank][block]
+    return torch.cat([torch.cat([p[b] for p in pieces], dim) for b in range(len(fused))], dim)
+
+
+def shard_state_dict(full_sd: dict, cfg: ModelConfig, tp_rank: int, tp_size: int) -> dict:
+    """The state dict of TP rank `tp_rank` of `tp_size`, from a full (one-device) state dict."""
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} is outside tp_size={tp_size}")
+    layout = tp_layout(cfg)
+    out = {}
+    for name, value in full_sd.items():
+        split = layout.get(name)
+        out[name] = value if split is None or tp_size == 1 else shard_tensor(value, *split, tp_rank, tp_size)
+    return out
+
+
+def unshard_state_dicts(sds: list[dict], cfg: ModelConfig) -> dict:
+    """The full state dict from the state dicts of TP ranks 0..n-1 (replicated tensors taken from rank 0)."""
+    if not sds:
+        raise ValueError("unshard_state_dicts needs the state dicts of all TP ranks, got none")
+    keys = sds[0].keys()
+    for r, sd in enumerate(sds[1:], 1):
+        if sd.keys() != keys:
+            diff = sorted(set(sd) ^ set(keys))[:3]
+            raise ValueError(f"TP rank {r}'s state dict has different keys than rank 0's (e.g. {diff})")
+    layout = tp_layout(cfg)
+    out = {}
+    for name in keys:
+        split = layout.get(name)
+        out[name] = sds[0][name] if split is None or len(sds) == 1 else unshard_tensor([sd[name] for sd in sds], *split)
+    return out
+
+
+# ------------------------------------------------------------------------------ initialisation
+
+
+def init_state_dict(cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1,
+                    keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, this TP rank's shard) of the weights `torch.manual_seed(seed); RecycleGPT(cfg)` gets.
+
+    Exactly those: it replays the random draws of the model's construction (each torch layer's own
+    reset_parameters, module by module) and then `init_parameter` in parameter order, on CPU, one full
+    tensor at a time, from a private generator (the global RNG is not touched). `keep(name)` skips
+    yielding (not drawing) the others, e.g. the parameters of other pipeline stages.
+    """
+    with torch.device("meta"):
+        meta = RecycleGPT(cfg)
+    layout = tp_layout(cfg)
+    g = torch.Generator().manual_seed(seed)       # the same stream as the global RNG after manual_seed(seed)
+    for module in meta.modules():                 # construction order: each torch layer's default init
+        if isinstance(module, nn.Linear):         # nn.Linear.reset_parameters (no bias in this model)
+            nn.init.kaiming_uniform_(torch.empty(module.weight.shape), a=math.sqrt(5), generator=g)
+        elif isinstance(module, nn.Embedding):    # nn.Embedding.reset_parameters
+            nn.init.normal_(torch.empty(module.weight.shape), generator=g)
+    for name, p in meta.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype)
+        init_parameter(cfg, name, full, generator=g)
+        if keep is not None and not keep(name):
+            continue
+        split = layout.get(name)
+        yield name, full if split is None or tp_size == 1 else shard_tensor(full, *split, tp_rank, tp_size)
+
+
+@torch.no_grad()
+def load_init(params: dict[str, torch.Tensor], cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1):
+    """Copy the seeded reference weights into `params` ({full-model name: parameter}) in place."""
+    missing = set(params)
+    for name, value in init_state_dict(cfg, seed, tp_rank, tp_size, keep=lambda n: n in params):
+        target = params[name]
+        if target.shape != value.shape:
+            raise ValueError(f"{name}: this rank holds {tuple(target.shape)} but TP rank {tp_rank}/{tp_size} of the "
+                             f"reference is {tuple(value.shape)}")
+        target.copy_(value)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"parameters with no reference weight: {sorted(missing)[:5]}")
+
+
+# --------------------------------------------------------------------------- megatron-core layers
+
+
+def _no_init(weight):   # weights come from init_state_dict / checkpoints, never from megatron's initialisers
+    return None
+
+
+def model_parallel_config(tp_size: int, params_dtype=torch.float32):
+    from megatron.core import ModelParallelConfig
+    return ModelParallelConfig(tensor_model_parallel_size=tp_size, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=params_dtype,
+                               sequence_parallel=False, gradient_accumulation_fusion=False)
+
+
+def _plain_state_dict(cls):
+    """Megatron's linears add an `_extra_state` key (and a pre-hook expecting it); drop both so a TP layer
+    has exactly nn.Linear's keys and checkpoints map 1:1."""
+    cls.get_extra_state = nn.Module.get_extra_state
+    cls.set_extra_state = nn.Module.set_extra_state
+    return cls
+
+
+@functools.cache
+def _megatron_layers():
+    from megatron.core import tensor_parallel as mtp
+
+    @_plain_state_dict
+    class ColumnLinear(mtp.ColumnParallelLinear):
+        def __init__(self, in_features, out_features, config):
+            super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                             gather_output=False)
+            self._load_state_dict_pre_hooks.clear()
+
+        def forward(self, x):             # megatron returns (output, bias)
+            return super().forward(x)[0]
+
+    @_plain_state_dict
+    class RowLinear(mtp.RowParallelLinear):
+        def __init__(self, in_features, out_features, config):
+            super().__init__(in_features, out_features, config=config, init_method=_no_init, bias=False,
+                             input_is_parallel=True, skip_bias_add=False)
+            self._load_state_dict_pre_hooks.clear()
+
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    return ColumnLinear, RowLinear, mtp.VocabParallelEmbedding
+
+
+def _mark(weight: nn.Parameter, dim: int):
+    # Megatron's attributes (its CPU initialiser would set them; we skip that initialiser).
+    weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, dim, 1
+
+
+class TensorParallelSpec:
+    """`LocalSpec`'s methods backed by megatron-core; needs `parallel.setup.init_distributed` first."""
+
+    def __init__(self, tp_size: int | None = None, params_dtype=torch.float32):
+        from megatron.core import parallel_state as ps
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("TensorParallelSpec needs the process groups: call parallel.setup.init_distributed")
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.group = ps.get_tensor_model_parallel_group()
+        if tp_size is not None and tp_size != self.tp_size:
+            raise ValueError(f"tp_size={tp_size} but the process groups were built with tp={self.tp_size}")
+        self.config = model_parallel_config(self.tp_size, params_dtype)
+        self._column, self._row, self._embedding = _megatron_layers()
+
+    def _check(self, what: str, size: int):
+        if size % self.tp_size:
+            raise ValueError(f"{what}={size} is not divisible by parallel.tp={self.tp_size}")
+
+    def column_linear(self, in_features: int, out_features: int, fused_sizes=None) -> nn.Module:
+        for s in fused_sizes or (out_features,):
+            self._check("column_linear block", s)
+        layer = self._column(in_features, out_features, self.config)
+        _mark(layer.weight, 0)
+        return layer
+
+    def row_linear(self, in_features: int, out_features: int) -> nn.Module:
+        self._check("row_linear input size", in_features)
+        layer = self._row(in_features, out_features, self.config)
+        _mark(layer.weight, 1)
+        return layer
+
+    def replicated_linear(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        self._check("vocab_size", vocab_size)
+        layer = self._embedding(vocab_size, dim, init_method=_no_init, config=self.config)
+        _mark(layer.weight, 0)
+        return layer
+
+    def lm_head(self, dim: int, vocab_size: int) -> nn.Module:
+        self._check("vocab_size", vocab_size)
+        return self.column_linear(dim, vocab_size)
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token loss over the vocabulary shards. megatron works in place on fp32 logits and views them
+        2-D, hence contiguous; the model does not reuse its logits after the loss."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        return vocab_parallel_cross_entropy(logits.float().contiguous(), target.contiguous())
+
+    @torch.no_grad()
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits for decoding (torch.distributed: megatron's gather allocates on CUDA)."""
+        parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def mark_replicated(module: nn.Module, tp_rank: int):
+    """DeepSpeed counts a gradient in the global norm on model-parallel rank 0 or when the parameter is
+    model-parallel. Under PP that skips replicated parameters (norms, W_proj) of later stages; marking
+    them `model_parallel` on TP rank 0 only makes every parameter count exactly once."""
+    for p in module.parameters():
+        if not getattr(p, "tensor_model_parallel", False):
+            p.model_parallel = tp_rank == 0
+
+
+def build_tp_model(cfg: ModelConfig, seed: int, spec=None) -> RecycleGPT:
+    """The model on this rank (TP shards when tp > 1) with the weights of `manual_seed(seed); RecycleGPT(cfg)`."""
+    from model.spec import LocalSpec
+    spec = spec or LocalSpec()
+    model = RecycleGPT(cfg, spec)
+    load_init(dict(model.named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)
+    mark_replicated(model, spec.tp_rank)
+    return model
