@@ -1,0 +1,96 @@
+"""Command-line plumbing shared by `inference.generate` and `inference.benchmark`.
+
+Bad input ends in exactly one `error: ...` line on stderr that names the problem and the fix, and exit
+code 2; never a traceback. Model selection (--model DIR, or --preset NAME --random-init) is parsed here
+so both commands accept the same flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.config import PRESETS
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is shown to the user as is."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints a usage block before its error; we want one line (and exit 2)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def run_main(main, argv=None) -> int:
+    from inference.decoding import DecodingError
+    from inference.loading import ModelLoadError
+
+    try:
+        return main(argv) or 0
+    except (UsageError, DecodingError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", metavar="DIR", help="RUN_DIR (pretrain.train) or HF_DIR (pretrain.export_hf)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape, with --random-init")
+    parser.add_argument("--random-init", action="store_true", help="random weights for --preset (no checkpoint)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's own, or the "
+                        "bundled one matching the preset's vocabulary)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on cpu, bf16 on cuda")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights (and prompts)")
+
+
+def check_model_args(args):
+    """Validate the model flags before anything heavy is imported or loaded."""
+    if args.model and args.preset:
+        raise UsageError("pass either --model DIR or --preset NAME --random-init, not both")
+    if not args.model and not args.preset:
+        raise UsageError("no model given: pass --model RUN_DIR|HF_DIR, or --preset NAME --random-init "
+                         f"(presets: {', '.join(sorted(PRESETS))})")
+    if args.preset and not args.random_init:
+        raise UsageError(f"--preset {args.preset} has no weights to load; add --random-init, or pass a trained "
+                         "model with --model DIR")
+    if args.random_init and not args.preset:
+        raise UsageError("--random-init needs --preset NAME (it gives the model's shape)")
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such directory; pass a RUN_DIR written by pretrain.train or an "
+                         "HF_DIR written by pretrain.export_hf, or use --preset NAME --random-init")
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such directory; pass a folder with tokenizer.json")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
+
+
+def model_from_args(args, extra_positions: int):
+    """(model, tokenizer or None, device, dtype, description) for the validated model flags."""
+    import torch
+
+    from inference import loading
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = loading.parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    if args.model:
+        model, tokenizer = loading.load_model_dir(args.model, dtype, device)
+        description = args.model
+    else:
+        model = loading.random_init_model(args.preset, dtype, device, args.seed, extra_positions)
+        tokenizer = None
+        description = f"preset {args.preset} (random init)"
+    if args.tokenizer:
+        tokenizer = loading.load_tokenizer(args.tokenizer)
+    elif tokenizer is None:
+        tokenizer = loading.default_tokenizer(model.cfg.vocab_size)
+    return model, tokenizer, device, dtype, description
