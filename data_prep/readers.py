@@ -212,7 +212,7 @@ class UnitReader:
         elif kind.endswith(".gz"):
             gz = gzip.GzipFile(fileobj=f)
             try:
-                while out := gz.read(_CHUNK):
+                while out := gz.read1(_CHUNK):  # read1: hand out what decoded before a cut
                     self.bytes_done = f.tell()
                     yield out
             except (EOFError, OSError, gzip.BadGzipFile) as err:

@@ -1,0 +1,265 @@
+"""Tokenize corpora into Megatron indexed datasets (PREFIX.bin + PREFIX.idx), one EOD token after each document.
+
+    python -m data_prep.tokenize --input FILE_OR_DIR... --tokenizer DIR --output-prefix PREFIX \
+        [--workers N] [--text-key text] [--split-by META_FIELD] [--strict]
+
+Each input file (or HF dataset split) is tokenized into its own shard under PREFIX.shards/, then the shards are
+merged into PREFIX (with --split-by, into PREFIX_<value> per value). Rerunning the same command after an
+interruption skips finished shards and produces byte-identical output. PREFIX.stats.json is written last.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+from data_prep.cli import DataError, OneLineArgumentParser, UsageError, run_main
+from data_prep.hf_tokenizer import load_tokenizer, token_dtype
+from data_prep.merge import merge_datasets
+from data_prep.progress import Progress, duration, human
+from data_prep.readers import REASONS, Defect, UnitReader, discover_inputs
+from data_prep.shards import OrderedEncoder, ShardWriter, UnitStats, indexed_dataset_module, write_json_atomically
+
+BATCH_CHARS = 1 << 20   # a batch is ~1 MB of text: large enough to amortise IPC, small enough to stay flat
+BATCH_DOCS = 1024
+FORMAT_VERSION = 1      # bump when the shard layout changes, so old shard folders are not resumed
+_END = "end"
+# Test hook: seconds to sleep per written batch, so a test can kill a run midway at a predictable point.
+_TEST_DELAY_S = float(os.environ.get("DATA_PREP_TEST_DELAY_S", "0") or 0)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_args(argv):
+    p = OneLineArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", required=True,
+                   help=".jsonl, .jsonl.zst, .jsonl.gz, .parquet, .txt files, HF datasets saved to disk, "
+                        "or folders of them (walked in sorted order)")
+    p.add_argument("--tokenizer", required=True, help="local HF tokenizer folder (e.g. assets/tokenizers/gpt2)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="tokenizer processes (default: one per core; 0 = tokenize in this process)")
+    p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
+    p.add_argument("--split-by", default=None, metavar="META_FIELD",
+                   help="write one dataset per value of meta[META_FIELD], e.g. pile_set_name")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
+                   help=".txt files: one document per file (default), per blank-line-separated paragraph, "
+                        "or per line")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the per-input shards in PREFIX.shards/ and skip the merge (merge later with "
+                        "python -m data_prep.merge)")
+    p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    p.add_argument("--log-interval", type=float, default=10.0,
+                   help="seconds between progress lines when stderr is not a terminal")
+    args = p.parse_args(argv)
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers} must be >= 0 (0 tokenizes in the main process)")
+    for suffix in (".bin", ".idx"):
+        if args.output_prefix.endswith(suffix):
+            args.output_prefix = args.output_prefix[: -len(suffix)]
+    if os.path.isdir(args.output_prefix):
+        raise UsageError(f"--output-prefix {args.output_prefix} is a folder (give a path prefix like "
+                         f"{os.path.join(args.output_prefix, 'corpus')})")
+    return args
+
+
+def fingerprint(units, tokenizer_json, args, dtype) -> str:
+    """What determines the output bytes; a resume is only allowed when it is unchanged (--workers is not)."""
+    key = {"version": FORMAT_VERSION, "units": [(u.name, u.size, u.mtime_ns) for u in units],
+           "tokenizer": hashlib.sha256(tokenizer_json.encode()).hexdigest(), "text_key": args.text_key,
+           "split_by": args.split_by, "txt_mode": args.txt_mode, "dtype": dtype.__name__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class CorpusTokenizer:
+    def __init__(self, args, units, tokenizer, dtype, shard_dir):
+        self.args, self.units, self.dtype, self.shard_dir = args, units, dtype, shard_dir
+        self.tokenizer_json = tokenizer.backend_tokenizer.to_str()
+        self.eod = tokenizer.eos_token_id
+        self.active = []  # writers with files open, to clean up on failure
+
+    def shard_prefix(self, index):
+        return os.path.join(self.shard_dir, f"{index:05d}")
+
+    def done_path(self, index):
+        return self.shard_prefix(index) + ".done.json"
+
+    def run(self, todo, progress):
+        """Tokenize the units `todo` ([(index, unit)]) into shards."""
+        encoder = OrderedEncoder(self.args.workers, self.tokenizer_json, self.eod, self.dtype.__name__)
+        try:
+            for tag, texts in self._batches(todo, progress):
+                for done_tag, result in encoder.submit(tag, texts):
+                    self._write(done_tag, result, progress)
+            for done_tag, result in encoder.drain():
+                self._write(done_tag, result, progress)
+            encoder.close()
+        except BaseException:
+            encoder.close(abort=True)
+            for writer in self.active:
+                writer.abort()
+            raise
+
+    def _batches(self, todo, progress):
+        """Read units in order and cut them into batches; yields (tag, texts). Defects are counted here."""
+        finished_bytes = 0
+        for index, unit in todo:
+            writer = ShardWriter(self.shard_prefix(index), self.dtype, bool(self.args.split_by))
+            writer.stats.input_bytes = unit.size
+            self.active.append(writer)
+            reader = UnitReader(unit, self.args.text_key, self.args.split_by, self.args.txt_mode)
+            texts, subsets, chars = [], [], 0
+            for item in reader:
+                if isinstance(item, Defect):
+                    if self.args.strict:
+                        raise DataError(f"{item.location}: {item.reason} (--strict stops at the first bad "
+                                        f"record; without --strict such records are counted and skipped)")
+                    writer.stats.skip(item.reason, item.location)
+                    continue
+                texts.append(item.text)
+                subsets.append(item.subset)
+                chars += len(item.text)
+                if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+                    progress.update(finished_bytes + reader.bytes_done)
+                    yield (writer, subsets), texts
+                    texts, subsets, chars = [], [], 0
+            if texts:
+                yield (writer, subsets), texts
+            finished_bytes += unit.size
+            progress.update(finished_bytes)
+            yield (writer, _END, index), None
+
+    def _write(self, tag, result, progress):
+        writer = tag[0]
+        if tag[1] == _END:
+            writer.finish(self.done_path(tag[2]))
+            self.active.remove(writer)
+            return
+        flat, lengths = result
+        writer.write_batch(tag[1], flat, lengths)
+        progress.update(docs=len(lengths), tokens=len(flat))
+        if _TEST_DELAY_S:
+            time.sleep(_TEST_DELAY_S)
+
+
+def _summary_lines(stats: dict, out_desc: str, stats_path: str):
+    lines = [f"tokenized {stats['documents']:,} documents, {stats['tokens']:,} tokens (incl. one EOD each) from "
+             f"{len(stats['inputs'])} input(s) in {duration(stats['seconds'])} "
+             f"({human(stats['tokens_per_s'])} tokens/s, {human(stats['documents_per_s'])} docs/s while tokenizing"
+             + (f"; {stats['shards_resumed']} finished shard(s) reused" if stats["shards_resumed"] else "") + ")"]
+    skipped = {k: v for k, v in stats["skipped"].items() if v}
+    if skipped:
+        parts = [f"{k}={v} (first: {', '.join(stats['skipped_examples'].get(k, [])[:3])})"
+                 for k, v in skipped.items()]
+        lines.append(f"skipped {sum(skipped.values()):,}: " + "; ".join(parts))
+    else:
+        lines.append("skipped 0")
+    lines += [f"output: {out_desc} ({stats['dtype']})", f"stats: {stats_path}"]
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    units = discover_inputs(args.input)
+    tokenizer = load_tokenizer(args.tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    prefix = args.output_prefix
+    stats_path, shard_dir = prefix + ".stats.json", prefix + ".shards"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the folder for --output-prefix {prefix}: {err.strerror}") from None
+    corpus = CorpusTokenizer(args, units, tokenizer, dtype, shard_dir)
+    fp = fingerprint(units, corpus.tokenizer_json, args, dtype)
+
+    previous = _read_json(stats_path)
+    if previous and previous.get("fingerprint") == fp and previous.get("merged") == (not args.no_merge) and all(
+            os.path.isfile(p + ext) for p in _output_prefixes(previous["outputs"]) for ext in (".bin", ".idx")):
+        print(f"already complete: {stats_path} matches this command (delete it to redo the run)")
+        return 0
+    if previous:
+        os.remove(stats_path)  # a new run: never leave an old "complete" marker beside new outputs
+
+    run_info = os.path.join(shard_dir, "run.json")
+    if (_read_json(run_info) or {}).get("fingerprint") != fp and os.path.isdir(shard_dir):
+        print(f"{shard_dir} holds shards of a different command (inputs, tokenizer or options changed); "
+              f"starting over", file=sys.stderr)
+        shutil.rmtree(shard_dir)
+    os.makedirs(shard_dir, exist_ok=True)
+    write_json_atomically(run_info, {"fingerprint": fp, "inputs": [u.name for u in units]})
+
+    todo = [(i, u) for i, u in enumerate(units) if not os.path.isfile(corpus.done_path(i))]
+    resumed = len(units) - len(todo)
+    if resumed:
+        print(f"resuming: {resumed} of {len(units)} shard(s) already finished", file=sys.stderr)
+    indexed_dataset_module()  # import megatron-core (slow, once) before the workers fork and the clock starts
+    progress = Progress(sum(u.size for _, u in todo), log_interval=args.log_interval)
+    corpus.run(todo, progress)
+    progress.close()
+    tokenize_seconds = time.monotonic() - progress.start
+
+    total, run_docs, run_tokens = UnitStats(), progress.docs, progress.tokens
+    for i in range(len(units)):
+        total.add(UnitStats.from_json(_read_json(corpus.done_path(i))))
+    outputs = {}
+    for name in sorted(total.subsets):
+        suffix = total.subsets[name]["suffix"]
+        shard_prefixes = [corpus.shard_prefix(i) + suffix for i in range(len(units))
+                          if os.path.isfile(corpus.shard_prefix(i) + suffix + ".idx")]
+        if args.no_merge:
+            outputs[name] = shard_prefixes
+        else:
+            merge_datasets(shard_prefixes, prefix + suffix)
+            outputs[name] = prefix + suffix
+    seconds = time.time() - t0
+    stats = {
+        "complete": True, "fingerprint": fp, "merged": not args.no_merge,
+        "documents": total.documents, "tokens": total.tokens,
+        "skipped": {reason: total.skipped.get(reason, 0) for reason in REASONS},
+        "skipped_examples": total.examples, "seconds": round(seconds, 3),
+        # Rates cover the documents tokenized by this run, over the reading+tokenizing+writing phase
+        # (startup imports and the final merge excluded; both are in "seconds").
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "tokens_per_s": round(run_tokens / max(tokenize_seconds, 1e-9), 1),
+        "documents_per_s": round(run_docs / max(tokenize_seconds, 1e-9), 1),
+        "input_bytes": total.input_bytes, "inputs": [u.name for u in units], "shards_resumed": resumed,
+        "outputs": outputs if args.split_by else {"": outputs.get("", prefix)},
+        "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in total.subsets.items()}
+        if args.split_by else {},
+        "tokenizer": args.tokenizer, "vocab_size": len(tokenizer), "eod": tokenizer.eos_token_id,
+        "dtype": dtype.__name__, "workers": args.workers, "split_by": args.split_by, "text_key": args.text_key,
+    }
+    if args.no_merge:  # "outputs" then lists the shard prefixes per subset, for python -m data_prep.merge
+        stats["outputs"] = outputs
+    write_json_atomically(stats_path, stats)
+    if not args.no_merge and not args.keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    if args.no_merge:
+        out_desc = f"{sum(len(v) for v in outputs.values())} shard(s) in {shard_dir}/ (merge with python -m data_prep.merge)"
+    else:
+        out_desc = ", ".join(f"{p}.bin/.idx" for p in outputs.values())
+    for line in _summary_lines(stats, out_desc, stats_path):
+        print(line)
+    return 0
+
+
+def _output_prefixes(outputs: dict):
+    for value in outputs.values():
+        yield from ([value] if isinstance(value, str) else value)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
