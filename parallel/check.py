@@ -82,6 +82,7 @@ def reference_run(steps: int, global_batch: int, micro: int, seq: int, cfg: Mode
         sched.step()
         losses.append((acc / len(batches)).tolist())
     result["losses"] = losses
+    result["logits"], result["recycle_logits"] = reference_logits(cfg)
     return result
 
 
@@ -95,7 +96,8 @@ def _probe(engine, param, record: dict):
     engine.optimizer.register_step_pre_hook(hook)
 
 
-def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro: int, seq: int) -> dict:
+def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro: int, seq: int,
+               save_dir: Path | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
     from parallel.deepspeed_config import deepspeed_config
@@ -114,6 +116,12 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
               "has_embedding": emb is not None, "losses": []}
     if zero == 0:
         _probe(engine, emb, record)
+        if pp == 1:                           # decoding path: full-vocabulary logits gathered over TP
+            with torch.no_grad():
+                ids = probe_ids()
+                h = module.hidden(ids)
+                record["logits"] = module.logits(h)
+                record["recycle_logits"] = module.logits(module.recycle_hidden(h[:, :-1], ids[:, 1:]))
     gas = engine.gradient_accumulation_steps()
     for step in range(steps):
         batches = global_micro_batches(step, global_batch, micro, seq, CFG.vocab_size)
@@ -123,9 +131,27 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
         if step == 0:
             norm = engine.get_global_grad_norm()
             record["grad_norm"] = None if norm is None else float(norm)
+    if save_dir is not None:
+        engine.save_checkpoint(str(save_dir), tag="final")
+        if zero != 3:                          # ZeRO-3 parameters are partitioned flat; no per-name shards
+            from parallel.reshard import local_state
+            record["state"] = local_state(module)
     del engine
     assert ps.model_parallel_is_initialized()
     return record
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.arange(2 * 12).view(2, 12) * 7 % CFG.vocab_size
+
+
+def reference_logits(cfg: ModelConfig = CFG) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(SEED)
+    model = RecycleGPT(cfg).eval()
+    with torch.no_grad():
+        ids = probe_ids()
+        h = model.hidden(ids)
+        return model.logits(h), model.logits(model.recycle_hidden(h[:, :-1], ids[:, 1:]))
 
 
 def rel_diff(a, b) -> float:
@@ -142,6 +168,10 @@ def compare(records: list[dict], ref: dict, cfg: ModelConfig = CFG) -> dict:
     norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
     if norms:
         out["grad_norm"] = max(rel_diff(n, ref["grad_norm"]) for n in norms)
+    for key in ("logits", "recycle_logits"):
+        got = [r[key] for r in records if key in r]
+        if got:
+            out[key] = max(float((g - ref[key]).abs().max() / ref[key].abs().max()) for g in got)
     with_grad = [r for r in records if "embedding_grad" in r]
     if with_grad:
         worst = 0.0
@@ -166,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--out", required=True)
+    p.add_argument("--save", action="store_true", help="also write a DeepSpeed checkpoint per ZeRO stage")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -180,7 +211,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for zero in (int(z) for z in args.zero.split(",")):
-        record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq)
+        record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq,
+                            out_dir / f"ckpt_zero{zero}" if args.save else None)
         torch.save(record, out_dir / f"zero{zero}_rank{ctx.rank}.pt")
         results[zero] = record
     torch.distributed.barrier()

@@ -31,11 +31,14 @@ from parallel.setup import current
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
                  recycle_weight: float = 1.0, detach_base: bool = False, activation_checkpointing: bool = False,
-                 optimizer_factory: Callable | None = None, scheduler_factory: Callable | None = None):
-    """-> (engine, module). Weights equal `torch.manual_seed(seed); RecycleGPT(model_cfg)` on every layout."""
+                 optimizer_factory: Callable | None = None, scheduler_factory: Callable | None = None,
+                 init_state: dict | None = None):
+    """-> (engine, module). Weights equal `torch.manual_seed(seed); RecycleGPT(model_cfg)` on every layout,
+    or `init_state` (a one-device state dict, e.g. from pretrain.import_hf) when given."""
     import deepspeed
 
     from parallel.pipeline import RecyclePipe
+    from parallel.reshard import load_full_state
     from parallel.tensor_parallel import TensorParallelSpec, build_tp_model
 
     ctx = current()
@@ -46,15 +49,17 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
         raise ValueError("build_engine needs an optimizer_factory or an 'optimizer' section in the DeepSpeed config")
     spec = TensorParallelSpec(dims.tp) if dims.tp > 1 else LocalSpec()
     if dims.pp == 1:
-        module = build_tp_model(model_cfg, seed, spec)
+        module = build_tp_model(model_cfg, seed, spec, state=init_state)
         module.recycle_weight = recycle_weight
         module.activation_checkpointing = activation_checkpointing
         if detach_base:
             module.freeze_base()
         mpu = ctx.grid
     else:
-        module = RecyclePipe(model_cfg, spec, ctx.topology, seed, recycle_weight, detach_base,
-                             activation_checkpointing)
+        module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, recycle_weight,
+                             detach_base, activation_checkpointing)
+        if init_state is not None:
+            load_full_state(module, init_state, model_cfg, spec.tp_rank, spec.tp_size)
         mpu = None                                   # the PipelineModule brings its own grid
     module.to(ctx.device)
     optimizer = optimizer_factory(module) if optimizer_factory is not None else None

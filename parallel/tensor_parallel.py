@@ -258,11 +258,16 @@ def mark_replicated(module: nn.Module, tp_rank: int):
             p.model_parallel = tp_rank == 0
 
 
-def build_tp_model(cfg: ModelConfig, seed: int, spec=None) -> RecycleGPT:
-    """The model on this rank (TP shards when tp > 1) with the weights of `manual_seed(seed); RecycleGPT(cfg)`."""
+def build_tp_model(cfg: ModelConfig, seed: int, spec=None, state: dict | None = None) -> RecycleGPT:
+    """The model on this rank (TP shards when tp > 1) with the weights of `manual_seed(seed); RecycleGPT(cfg)`,
+    or of `state` (a one-device state dict, e.g. an imported checkpoint) when given."""
     from model.spec import LocalSpec
     spec = spec or LocalSpec()
     model = RecycleGPT(cfg, spec)
-    load_init(dict(model.named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)
+    if state is not None:
+        from parallel.reshard import load_full_state
+        load_full_state(model, state, cfg, spec.tp_rank, spec.tp_size)
+    else:
+        load_init(dict(model.named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)
     mark_replicated(model, spec.tp_rank)
     return model
