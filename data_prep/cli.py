@@ -8,7 +8,7 @@ class UsageError(Exception):
 
 
 class DataError(Exception):
-    """Bad data under --strict: the message starts with FILE:LINE."""
+    """The run cannot go on (bad data under --strict: the message starts with FILE:LINE). Exit code 1."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy
 
@@ -57,32 +58,36 @@ class OrderedEncoder:
         if workers == 0:
             init_worker(tokenizer_json, eod, dtype_name)
         else:
-            # fork: workers start instantly and share the parent's imports; they touch only `tokenizers`.
-            ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            self.pool = ctx.Pool(workers, init_worker, (tokenizer_json, eod, dtype_name))
+            # forkserver: workers fork from a small server process that imported only this module, not from
+            # the main process, which holds torch, transformers and megatron-core (~0.4 GB); a worker needs
+            # just `tokenizers`, so each stays small and never inherits threads. A worker that dies (e.g.
+            # killed for memory) makes result() raise BrokenProcessPool instead of hanging.
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload([__name__])
+            else:
+                ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(workers, ctx, initializer=init_worker,
+                                            initargs=(tokenizer_json, eod, dtype_name))
 
     def submit(self, tag, texts):
         """Queue one batch; yield the (tag, result) pairs that are due, oldest first."""
-        if self.pool is None:
+        if self.pool is None or not texts:
             self.pending.append((tag, _Done(encode_texts(texts) if texts else None)))
         else:
-            self.pending.append((tag, self.pool.apply_async(encode_texts, (texts,)) if texts else _Done(None)))
-        while self.pending and (len(self.pending) > self.max_pending or self.pending[0][1].ready()):
-            tag, handle = self.pending.popleft()
-            yield tag, handle.get()
+            self.pending.append((tag, self.pool.submit(encode_texts, texts)))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0][1].done()):
+            tag, future = self.pending.popleft()
+            yield tag, future.result()
 
     def drain(self):
         while self.pending:
-            tag, handle = self.pending.popleft()
-            yield tag, handle.get()
+            tag, future = self.pending.popleft()
+            yield tag, future.result()
 
     def close(self, abort=False):
         if self.pool is not None:
-            if abort:
-                self.pool.terminate()
-            else:
-                self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=abort)
             self.pool = None
 
 
@@ -90,10 +95,10 @@ class _Done:
     def __init__(self, value):
         self.value = value
 
-    def ready(self):
+    def done(self):
         return True
 
-    def get(self):
+    def result(self):
         return self.value
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from data_prep.cli import DataError, OneLineArgumentParser, UsageError, run_main
 from data_prep.hf_tokenizer import load_tokenizer, token_dtype
@@ -98,10 +99,13 @@ class CorpusTokenizer:
             for done_tag, result in encoder.drain():
                 self._write(done_tag, result, progress)
             encoder.close()
-        except BaseException:
+        except BaseException as err:
             encoder.close(abort=True)
             for writer in self.active:
                 writer.abort()
+            if isinstance(err, BrokenProcessPool):
+                raise DataError("a tokenizer worker process died (out of memory?); finished shards are kept, "
+                                "rerun the same command (perhaps with fewer --workers) to resume") from None
             raise
 
     def _batches(self, todo, progress):
