@@ -41,12 +41,16 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
     from parallel.reshard import load_full_state
     from parallel.tensor_parallel import TensorParallelSpec, build_tp_model
 
+    dims.validate_model(model_cfg)
+    if detach_base and dims.pp > 1:
+        raise ValueError("recycle.detach_base=true with parallel.pp>1: DeepSpeed's pipeline backpropagates through "
+                         "every stage, and with a frozen base no stage before the last has a gradient to send; "
+                         "train the module with parallel.pp=1 (TP and ZeRO work)")
+    if optimizer_factory is None and "optimizer" not in ds_config:
+        raise ValueError("build_engine needs an optimizer_factory or an 'optimizer' section in the DeepSpeed config")
     ctx = current()
     if (ctx.dims.tp, ctx.dims.pp, ctx.dims.dp) != (dims.tp, dims.pp, dims.dp):
         raise ValueError(f"build_engine got {dims} but the process groups were built for {ctx.dims}")
-    dims.validate_model(model_cfg)
-    if optimizer_factory is None and "optimizer" not in ds_config:
-        raise ValueError("build_engine needs an optimizer_factory or an 'optimizer' section in the DeepSpeed config")
     spec = TensorParallelSpec(dims.tp) if dims.tp > 1 else LocalSpec()
     if dims.pp == 1:
         module = build_tp_model(model_cfg, seed, spec, state=init_state)

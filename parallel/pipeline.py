@@ -150,6 +150,10 @@ class RecyclePipe(PipelineModule):
 
     def __init__(self, cfg: ModelConfig, spec, topology, seed: int | None = None, recycle_weight: float = 1.0,
                  detach_base: bool = False, activation_checkpointing: bool = False):
+        if detach_base:
+            # A frozen base leaves the stages before the last without gradients to send back, and DeepSpeed's
+            # schedule always sends them. Module-only training runs with pp == 1 (see engine.build_engine).
+            raise ValueError("recycle.detach_base=true needs parallel.pp=1")
         self.cfg, self.spec, self.recycle_weight = cfg, spec, recycle_weight
         counts = stage_layer_counts(cfg, topology.get_dim("pipe"))
         bounds = [0]
@@ -167,10 +171,6 @@ class RecyclePipe(PipelineModule):
                 # The last stage's copy of the tied embedding: DeepSpeed's fp32 gradient clipping ignores
                 # ds_pipe_replicated and would count it twice; not model-parallel here = counted once (stage 0).
                 p.tensor_model_parallel = p.model_parallel = False
-        if detach_base:                      # RecycleGPT.freeze_base: only the module trains
-            for name, p in self.full_named_parameters():
-                if not name.startswith("recycle."):
-                    p.requires_grad_(False)
 
     def _synchronize_tied_weights(self):
         # DeepSpeed broadcasts the tied weight in place; outside no_grad autograd records the broadcast

@@ -200,3 +200,10 @@ def test_layer_prefixes_cover_the_model():
     prefixes = layer_prefixes(CFG)
     assert len(prefixes) == CFG.num_layers + 4 and prefixes[-2] is None    # the tied E[x_{i+1}] use
     assert len(layer_prefixes(ModelConfig(recycle_layers=0))) == ModelConfig().num_layers + 3
+
+
+def test_build_engine_rejects_frozen_base_under_pp_before_starting():
+    from parallel.engine import build_engine
+    with pytest.raises(ValueError, match="recycle.detach_base=true with parallel.pp>1"):
+        build_engine(CFG, ParallelDims(pp=2, world_size=2), {}, seed=0, detach_base=True,
+                     optimizer_factory=lambda m: None)

@@ -126,9 +126,10 @@ def test_pp2(tmp_path, ref):
 
 
 def test_tp2_pp2(tmp_path, ref):
+    """4 processes; also recomputes activations (checkpointing in the decoder layers and the module)."""
     from parallel.reshard import pipeline_state_dict
     out = tmp_path / "tp2pp2"
-    launch(4, ["--tp", "2", "--pp", "2", "--save"], out)
+    launch(4, ["--tp", "2", "--pp", "2", "--save", "--activation-checkpointing"], out)
     recs = records(out, 0, 4)
     diffs = check(recs, ref, LOSSES | {"embedding_grad"})
     assert diffs["embedding_grad_stages"] == [0, 1]
@@ -159,3 +160,11 @@ def test_dp2_with_tp2_zero_and_pp2_zero1(tmp_path, ref):
     launch(4, ["--pp", "2", "--zero", "0,1"], out)
     check(records(out, 0, 4), ref, LOSSES | {"embedding_grad"})
     check(records(out, 1, 4), ref, LOSSES | {"grad_norm"})
+
+
+@pytest.mark.slow
+def test_tp2_detach_base_trains_only_the_module(tmp_path):
+    out = tmp_path / "detach"
+    launch(2, ["--tp", "2", "--detach-base", "--activation-checkpointing"], out)
+    check(records(out, 0, 2), reference_run(STEPS, GLOBAL, MICRO, SEQ, detach_base=True),
+          LOSSES | {"logits"})
