@@ -91,6 +91,8 @@ class CorpusTokenizer:
 
     def run(self, todo, progress):
         """Tokenize the units `todo` ([(index, unit)]) into shards."""
+        if not todo:
+            return
         encoder = OrderedEncoder(self.args.workers, self.tokenizer_json, self.eod, self.dtype.__name__)
         try:
             for tag, texts in self._batches(todo, progress):

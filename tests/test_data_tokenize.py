@@ -151,6 +151,15 @@ def test_worker_count_does_not_change_bytes_and_rerun_is_a_noop(tmp_path, capsys
     capsys.readouterr()
     code, out = run(["--input", src, "--tokenizer", SOTU_BPE, "--output-prefix", tmp_path / "w0"], capsys)
     assert code == 0 and out.out.startswith("already complete")
+    # Killed after all shards finished but before the merge completed: the rerun only merges.
+    argv = ["--input", src, "--tokenizer", SOTU_BPE, "--output-prefix", tmp_path / "k", "--keep-shards"]
+    assert run(argv)[0] == 0
+    first = (tmp_path / "k.bin").read_bytes()
+    for name in ("k.bin", "k.idx", "k.stats.json"):
+        (tmp_path / name).unlink()
+    assert run(argv)[0] == 0
+    assert (tmp_path / "k.bin").read_bytes() == first
+    assert json.loads((tmp_path / "k.stats.json").read_text())["shards_resumed"] == 1
 
 
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
