@@ -1,0 +1,106 @@
+"""End to end on one process: the training CLI on a small tiny-preset variant, resume, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+         "model.ffn_hidden_size=128", "model.max_seq_len=64", "train.seq_length=64", "train.micro_batch_size=2",
+         "train.global_batch_size=4", "train.eval_interval=3", "train.eval_iters=2", "train.log_interval=1",
+         "train.warmup_steps=2"]
+
+
+def cli(*args, check=True, env=None, timeout=600):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sotu_prefix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "sotu"
+    cli("-m", "data_prep.tokenize", "--input", "assets/corpus/sotu.jsonl.zst", "--tokenizer",
+        "assets/tokenizers/sotu-bpe-8k", "--output-prefix", str(out), "--workers", "1")
+    return str(out)
+
+
+def train(run_dir, prefix, *extra, check=True):
+    return cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{prefix}]",
+               f"run.dir={run_dir}", *extra, check=check)
+
+
+def rows(run_dir, split="train"):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+def test_train_writes_metrics_tensorboard_checkpoints(tmp_path, sotu_prefix):
+    train(tmp_path, sotu_prefix, "train.steps=6", "checkpoint.interval=3")
+    train_rows = rows(tmp_path)
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    for key in ("step", "loss", "lm_loss", "recycle_loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(isinstance(r[key], (int, float)) for r in train_rows), key
+    assert train_rows[-1]["lm_loss"] < train_rows[0]["lm_loss"]
+    valid = rows(tmp_path, "valid")
+    assert [r["step"] for r in valid] == [3, 6] and all("ppl" in r for r in valid)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_6"
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+def test_sigterm_saves_and_rerun_resumes_to_identical_metrics(tmp_path, sotu_prefix):
+    steps = ["train.steps=14", "checkpoint.interval=5", "train.eval_interval=4"]
+    train(tmp_path / "full", sotu_prefix, *steps)
+    split = tmp_path / "split"
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL,
+           f"data.prefixes=[{sotu_prefix}]", f"run.dir={split}", *steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:            # SIGTERM as SLURM does before a pre-emption, mid-run
+        log.append(line)
+        if "step 2/14" in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, "".join(log[-30:])
+    assert any("RECYCLEGPT_STOPPED_FOR_REQUEUE" in line for line in log), "".join(log[-30:])
+    stopped_at = int((split / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 2 <= stopped_at < 14
+    train(split, sotu_prefix, *steps)   # the same command resumes from latest
+    keys = ("step", "split", "loss", "lm_loss", "recycle_loss", "lr", "grad_norm", "consumed_samples")
+    strip = lambda rs: [{k: r.get(k) for k in keys} for r in rs]
+    full_rows = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    split_rows = [json.loads(l) for l in (split / "metrics.jsonl").read_text().splitlines()]
+    assert strip(split_rows) == strip(full_rows)
+
+
+def test_trained_run_loads_for_inference(tmp_path, sotu_prefix):
+    from inference.decoding import greedy_generate
+    from pretrain.checkpoint import load_for_inference
+
+    train(tmp_path, sotu_prefix, "train.steps=2")
+    model, tok = load_for_inference(tmp_path)
+    out = greedy_generate(model, tok.encode("The Congress"), "recycle", 6)
+    assert len(out.tokens) == 6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key train.stepz"),
+    ("train.steps=abc", "train.steps='abc' has type str; expected int"),
+    ("model.preset=huge", "model.preset='huge' is unknown"),
+    ("data.prefixes=[nowhere/corpus]", "nowhere/corpus.bin not found"),
+    ("train.global_batch_size=5", "train.global_batch_size=5 is not a multiple"),
+    ("model.num_heads=3", "hidden_size=64 is not divisible by num_heads=3"),
+])
+def test_config_errors_are_one_line_before_training(tmp_path, sotu_prefix, override, message):
+    proc = train(tmp_path / "run", sotu_prefix, override, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr
+    assert not (tmp_path / "run").exists()
