@@ -182,76 +182,91 @@ def main(argv=None):
         raise UsageError(f"cannot create the folder for --output-prefix {prefix}: {err.strerror}") from None
     corpus = CorpusTokenizer(args, units, tokenizer, dtype, shard_dir)
     fp = fingerprint(units, corpus.tokenizer_json, args, dtype)
-
-    previous = _read_json(stats_path)
-    if previous and previous.get("fingerprint") == fp and previous.get("merged") == (not args.no_merge) and all(
-            os.path.isfile(p + ext) for p in _output_prefixes(previous["outputs"]) for ext in (".bin", ".idx")):
+    if _already_complete(stats_path, fp, args):
         print(f"already complete: {stats_path} matches this command (delete it to redo the run)")
         return 0
-    if previous:
-        os.remove(stats_path)  # a new run: never leave an old "complete" marker beside new outputs
+    _prepare_shard_dir(shard_dir, fp, units)
 
+    todo = [(i, u) for i, u in enumerate(units) if not os.path.isfile(corpus.done_path(i))]
+    resumed = len(units) - len(todo)
+    if resumed:
+        print(f"resuming: {resumed} of {len(units)} shard(s) already finished", file=sys.stderr)
+    indexed_dataset_module()  # import megatron-core (seconds) before the clock of the tokenizing phase starts
+    progress = Progress(sum(u.size for _, u in todo), log_interval=args.log_interval)
+    corpus.run(todo, progress)
+    progress.close()
+    tokenize_seconds = time.monotonic() - progress.start
+
+    total = UnitStats()
+    for i in range(len(units)):
+        total.add(UnitStats.from_json(_read_json(corpus.done_path(i))))
+    outputs = _merge_or_list_shards(corpus, total, args)
+    stats = {
+        "complete": True, "fingerprint": fp, "merged": not args.no_merge,
+        "documents": total.documents, "tokens": total.tokens,
+        "skipped": {reason: total.skipped.get(reason, 0) for reason in REASONS},
+        "skipped_examples": total.examples, "seconds": round(time.time() - t0, 3),
+        # Rates cover the documents tokenized by this run, over the reading+tokenizing+writing phase
+        # (startup imports and the final merge excluded; both are in "seconds").
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "tokens_per_s": round(progress.tokens / max(tokenize_seconds, 1e-9), 1),
+        "documents_per_s": round(progress.docs / max(tokenize_seconds, 1e-9), 1),
+        "input_bytes": total.input_bytes, "inputs": [u.name for u in units], "shards_resumed": resumed,
+        # {subset ("" without --split-by): output prefix}, or with --no-merge {subset: [shard prefixes]}
+        "outputs": outputs,
+        "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in total.subsets.items()}
+        if args.split_by else {},
+        "tokenizer": args.tokenizer, "vocab_size": len(tokenizer), "eod": tokenizer.eos_token_id,
+        "dtype": dtype.__name__, "workers": args.workers, "split_by": args.split_by, "text_key": args.text_key,
+    }
+    write_json_atomically(stats_path, stats)
+    if not args.no_merge and not args.keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    if args.no_merge:
+        n_shards = sum(len(v) for v in outputs.values())
+        out_desc = f"{n_shards} shard(s) in {shard_dir}/ (merge with python -m data_prep.merge)"
+    else:
+        out_desc = ", ".join(f"{p}.bin/.idx" for p in outputs.values())
+    for line in _summary_lines(stats, out_desc, stats_path):
+        print(line)
+    return 0
+
+
+def _already_complete(stats_path, fp, args) -> bool:
+    previous = _read_json(stats_path)
+    if not previous:
+        return False
+    if previous.get("fingerprint") == fp and previous.get("merged") == (not args.no_merge) and all(
+            os.path.isfile(p + ext) for p in _output_prefixes(previous["outputs"]) for ext in (".bin", ".idx")):
+        return True
+    os.remove(stats_path)  # a new run: never leave an old "complete" marker beside new outputs
+    return False
+
+
+def _prepare_shard_dir(shard_dir, fp, units):
+    """Keep finished shards only if they were made by this very command (same fingerprint)."""
     run_info = os.path.join(shard_dir, "run.json")
-    if (_read_json(run_info) or {}).get("fingerprint") != fp and os.path.isdir(shard_dir):
+    if os.path.isdir(shard_dir) and (_read_json(run_info) or {}).get("fingerprint") != fp:
         print(f"{shard_dir} holds shards of a different command (inputs, tokenizer or options changed); "
               f"starting over", file=sys.stderr)
         shutil.rmtree(shard_dir)
     os.makedirs(shard_dir, exist_ok=True)
     write_json_atomically(run_info, {"fingerprint": fp, "inputs": [u.name for u in units]})
 
-    todo = [(i, u) for i, u in enumerate(units) if not os.path.isfile(corpus.done_path(i))]
-    resumed = len(units) - len(todo)
-    if resumed:
-        print(f"resuming: {resumed} of {len(units)} shard(s) already finished", file=sys.stderr)
-    indexed_dataset_module()  # import megatron-core (slow, once) before the workers fork and the clock starts
-    progress = Progress(sum(u.size for _, u in todo), log_interval=args.log_interval)
-    corpus.run(todo, progress)
-    progress.close()
-    tokenize_seconds = time.monotonic() - progress.start
 
-    total, run_docs, run_tokens = UnitStats(), progress.docs, progress.tokens
-    for i in range(len(units)):
-        total.add(UnitStats.from_json(_read_json(corpus.done_path(i))))
+def _merge_or_list_shards(corpus, total: UnitStats, args) -> dict:
+    """Merge each subset's shards (in input order) into PREFIX<suffix>; with --no-merge just list them."""
     outputs = {}
     for name in sorted(total.subsets):
         suffix = total.subsets[name]["suffix"]
-        shard_prefixes = [corpus.shard_prefix(i) + suffix for i in range(len(units))
-                          if os.path.isfile(corpus.shard_prefix(i) + suffix + ".idx")]
+        shards = [corpus.shard_prefix(i) + suffix for i in range(len(corpus.units))
+                  if os.path.isfile(corpus.shard_prefix(i) + suffix + ".idx")]
         if args.no_merge:
-            outputs[name] = shard_prefixes
+            outputs[name] = shards
         else:
-            merge_datasets(shard_prefixes, prefix + suffix)
-            outputs[name] = prefix + suffix
-    seconds = time.time() - t0
-    stats = {
-        "complete": True, "fingerprint": fp, "merged": not args.no_merge,
-        "documents": total.documents, "tokens": total.tokens,
-        "skipped": {reason: total.skipped.get(reason, 0) for reason in REASONS},
-        "skipped_examples": total.examples, "seconds": round(seconds, 3),
-        # Rates cover the documents tokenized by this run, over the reading+tokenizing+writing phase
-        # (startup imports and the final merge excluded; both are in "seconds").
-        "tokenize_seconds": round(tokenize_seconds, 3),
-        "tokens_per_s": round(run_tokens / max(tokenize_seconds, 1e-9), 1),
-        "documents_per_s": round(run_docs / max(tokenize_seconds, 1e-9), 1),
-        "input_bytes": total.input_bytes, "inputs": [u.name for u in units], "shards_resumed": resumed,
-        "outputs": outputs if args.split_by else {"": outputs.get("", prefix)},
-        "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in total.subsets.items()}
-        if args.split_by else {},
-        "tokenizer": args.tokenizer, "vocab_size": len(tokenizer), "eod": tokenizer.eos_token_id,
-        "dtype": dtype.__name__, "workers": args.workers, "split_by": args.split_by, "text_key": args.text_key,
-    }
-    if args.no_merge:  # "outputs" then lists the shard prefixes per subset, for python -m data_prep.merge
-        stats["outputs"] = outputs
-    write_json_atomically(stats_path, stats)
-    if not args.no_merge and not args.keep_shards:
-        shutil.rmtree(shard_dir, ignore_errors=True)
-    if args.no_merge:
-        out_desc = f"{sum(len(v) for v in outputs.values())} shard(s) in {shard_dir}/ (merge with python -m data_prep.merge)"
-    else:
-        out_desc = ", ".join(f"{p}.bin/.idx" for p in outputs.values())
-    for line in _summary_lines(stats, out_desc, stats_path):
-        print(line)
-    return 0
+            merge_datasets(shards, args.output_prefix + suffix)
+            outputs[name] = args.output_prefix + suffix
+    return outputs
 
 
 def _output_prefixes(outputs: dict):

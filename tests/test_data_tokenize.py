@@ -90,9 +90,20 @@ def test_int32_ids_when_vocabulary_exceeds_uint16(tmp_path):
     assert dtype == numpy.int32 and docs == [[69999, 5, 70000, 70001], [65536, 70001]]
 
 
+def write_defect_file(path):
+    """Two good records around one or two of each defect (line numbers matter for the examples)."""
+    lines = [json.dumps({"text": "good one"}).encode(), b'{"text": "unterminated',  # 2 malformed_json
+             json.dumps({"body": "x"}).encode(), json.dumps({"text": None}).encode(),  # 3, 4 missing_text
+             json.dumps({"text": 42}).encode(), json.dumps({"text": [1]}).encode(),  # 5, 6 non_string_text
+             json.dumps({"text": ""}).encode(), json.dumps({"text": " \n "}).encode(),  # 7, 8 empty
+             b'{"text": "bad \xff bytes"}', b'{"text": "lone \\ud800"}',  # 9, 10 invalid_utf8
+             b"[1, 2, 3]", b"", json.dumps({"text": "good two"}).encode()]  # 11 malformed_json, 12 blank
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
 def test_defects_counted_exactly_and_strict_stops(tmp_path, gpt2, capsys):
-    from test_data_readers import defect_file
-    path, expected = defect_file(tmp_path)
+    path = write_defect_file(tmp_path / "defects.jsonl")
     rng = random.Random(0)  # hard-to-compress text, so the first half of the .zst decodes to many lines
     cut = write_jsonl(tmp_path / "cut.jsonl.zst", [" ".join(str(rng.random()) for _ in range(30))
                                                    for _ in range(1000)], zst=True)
