@@ -86,6 +86,11 @@ def reference_run(steps: int, global_batch: int, micro: int, seq: int, cfg: Mode
         sched.step()
         losses.append((acc / len(batches)).tolist())
     result["losses"] = losses
+    model.eval()
+    with torch.no_grad():
+        evals = [model(b["tokens"], b["labels"], b["loss_mask"])
+                 for b in global_micro_batches(steps, global_batch, micro, seq, cfg.vocab_size)]
+    result["eval"] = [sum(float(getattr(o, k)) for o in evals) / len(evals) for k in ("loss", "lm_loss", "recycle_loss")]
     result["logits"], result["recycle_logits"] = reference_logits(cfg)
     return result
 
@@ -106,7 +111,7 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
 
     from parallel.deepspeed_config import deepspeed_config
     from parallel.dims import ParallelDims
-    from parallel.engine import build_engine, train_batch
+    from parallel.engine import build_engine, eval_batch, train_batch
     from parallel.setup import current
 
     ctx = current()
@@ -136,6 +141,9 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
         if step == 0:
             norm = engine.get_global_grad_norm()
             record["grad_norm"] = None if norm is None else float(norm)
+    batches = global_micro_batches(steps, global_batch, micro, seq, CFG.vocab_size)   # unseen: evaluation
+    ev = eval_batch(engine, batches[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas])
+    record["eval"] = [float(ev.loss), float(ev.lm_loss), float(ev.recycle_loss)]
     if save_dir is not None:
         engine.save_checkpoint(str(save_dir), tag="final")
         if zero != 3:                          # ZeRO-3 parameters are partitioned flat; no per-name shards
@@ -170,6 +178,8 @@ def compare(records: list[dict], ref: dict, cfg: ModelConfig = CFG) -> dict:
     out = {}
     for name, col in (("loss", 0), ("lm_loss", 1), ("recycle_loss", 2)):
         out[name] = max(rel_diff([s[col] for s in r["losses"]], [s[col] for s in ref["losses"]]) for r in records)
+    if all("eval" in r for r in records) and "eval" in ref:
+        out["eval"] = max(rel_diff(r["eval"], ref["eval"]) for r in records)
     norms = [r["grad_norm"] for r in records if r.get("grad_norm") is not None]
     if norms:
         out["grad_norm"] = max(rel_diff(n, ref["grad_norm"]) for n in norms)

@@ -5,6 +5,7 @@
     ds = deepspeed_config(dims, micro_batch=..., global_batch=..., grad_clip=..., zero_stage=...)
     engine, module = build_engine(model_cfg, dims, ds, seed, optimizer_factory=..., scheduler_factory=...)
     losses = train_batch(engine, micro_batches)        # same call for pp == 1 and pp > 1
+    losses = eval_batch(engine, micro_batches)         # no update
 
 pp == 1: `engine` is a DeepSpeedEngine around RecycleGPT (TP layers inside when tp > 1) and
 `engine(input_ids, labels, loss_mask) -> LossOutput`. pp > 1: a PipelineEngine around `RecyclePipe`;
@@ -104,6 +105,42 @@ def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
         dist.all_reduce(sums, group=dp_group)
         sums /= dist.get_world_size(dp_group)
     has_rec = getattr(getattr(engine, "module", None), "recycle", None) is not None
+    return LossOutput(sums[0], sums[1], sums[2] if has_rec else None)
+
+
+@torch.no_grad()
+def eval_batch(engine, micro_batches: list[dict]) -> LossOutput:
+    """Mean (loss, lm_loss, recycle_loss) over this dp rank's `micro_batches` and over dp, no update, on every
+    rank. Any number of micro-batches (the pipeline runs them as one inference schedule)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from parallel.pipeline import PipeBatches
+
+    micro_batches = list(micro_batches)
+    module = engine.module
+    if isinstance(engine, PipelineEngine):
+        module.reset_loss_sums()
+        engine.eval_batch(PipeBatches(micro_batches), num_micro_batches=len(micro_batches), bcast_loss=False)
+        sums = module.loss_sums / module.loss_count if module.loss_count else torch.zeros(3, device=engine.device)
+        if engine.grid.get_pipe_parallel_world_size() > 1:   # only the last stage has losses; the others add 0
+            dist.all_reduce(sums, group=engine.grid.get_pipe_parallel_group())
+        has_rec = module.cfg.recycle_layers > 0
+    else:
+        was_training = module.training
+        engine.eval()
+        device, sums = engine.device, torch.zeros(3, device=engine.device)
+        for b in micro_batches:
+            mask = b.get("loss_mask")
+            out = engine(b["tokens"].to(device), b["labels"].to(device), None if mask is None else mask.to(device))
+            rec = out.recycle_loss if out.recycle_loss is not None else out.loss * 0
+            sums += torch.stack([out.loss, out.lm_loss, rec]).float()
+        sums /= len(micro_batches)
+        engine.train(was_training)
+        has_rec = getattr(module, "recycle", None) is not None
+    dp_group = _data_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(sums, group=dp_group)
+        sums /= dist.get_world_size(dp_group)
     return LossOutput(sums[0], sums[1], sums[2] if has_rec else None)
 
 

@@ -161,6 +161,7 @@ class RecyclePipe(PipelineModule):
             bounds.append(bounds[-1] + c)
         self._parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layer_prefixes(cfg))]
         self._losses = None
+        self.loss_sums, self.loss_count = None, 0
         super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing), topology=topology,
                          loss_fn=self._loss, partition_method="recycle", activation_checkpoint_interval=0)
         if seed is not None:
@@ -204,7 +205,16 @@ class RecyclePipe(PipelineModule):
         self._losses = OrderedDict(lm_loss=out.lm_loss.detach())
         if out.recycle_loss is not None:
             self._losses["recycle_loss"] = out.recycle_loss.detach()
+        rec = out.recycle_loss if out.recycle_loss is not None else out.loss * 0
+        sums = torch.stack([out.loss.detach(), out.lm_loss.detach(), rec.detach()]).float()
+        self.loss_sums = sums if self.loss_sums is None else self.loss_sums + sums
+        self.loss_count += 1
         return out.loss
+
+    def reset_loss_sums(self):
+        """Running (loss, lm, recycle) sums over micro-batches on the last stage, for eval_batch (DeepSpeed
+        reduces only the total loss there)."""
+        self.loss_sums, self.loss_count = None, 0
 
     def get_additional_losses(self):
         """DeepSpeed averages these over micro-batches and dp and broadcasts them along the pipe (every

@@ -169,7 +169,7 @@ def test_shard_layout_is_per_block():
     assert torch.equal(unshard_tensor([want[:, :2], want[:, 2:]], 1, None), want)
 
 
-@pytest.mark.parametrize("cfg", [CFG, ModelConfig(recycle_layers=0, num_layers=2)])
+@pytest.mark.parametrize("cfg", [CFG, ModelConfig(recycle_layers=0, num_layers=2, vocab_size=1024)])
 def test_streaming_init_equals_seeded_model(cfg):
     torch.manual_seed(11)
     ref = RecycleGPT(cfg).state_dict()

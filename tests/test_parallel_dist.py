@@ -100,7 +100,7 @@ def assert_same_state(a: dict, b: dict):
         assert torch.equal(a[k].float(), b[k].float()), k
 
 
-LOSSES = {"loss", "lm_loss", "recycle_loss"}
+LOSSES = {"loss", "lm_loss", "recycle_loss", "eval"}
 
 
 def test_tp2(tmp_path, ref):
