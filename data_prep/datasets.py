@@ -8,6 +8,7 @@ the cache first and the other ranks load it (megatron-core's own barrier logic).
 import contextlib
 import os
 import struct
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -127,8 +128,10 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int, num_samples,
     Items are dicts of `tokens`, `labels` (tokens shifted by one), `loss_mask`, `position_ids`, each
     `seq_length` long (BlendedDataset items add `dataset_id`).
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    with warnings.catch_warnings():  # megatron.core's package import warns about optional GPU libraries
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")

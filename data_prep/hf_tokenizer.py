@@ -6,6 +6,7 @@ import numpy
 from data_prep.cli import UsageError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_HINT = "python -m data_prep.train_tokenizer --input FILES --vocab-size N --output DIR"
 
 
@@ -19,6 +20,8 @@ def load_tokenizer(path):
     The tokenizer must define an end-of-document token (its eos token): one is appended after every document.
     """
     path = str(path)
+    if not os.path.isdir(path) and not os.path.isabs(path) and os.path.isdir(os.path.join(_REPO_ROOT, path)):
+        path = os.path.join(_REPO_ROOT, path)  # bundled assets/tokenizers/... also work outside the repo root
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer folder not found: {path} (give a local HF tokenizer folder, "
                              f"e.g. assets/tokenizers/gpt2, or train one with `{TRAIN_HINT}`)")
