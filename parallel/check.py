@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--detach-base", action="store_true", help="train only the recyclable module")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # deepspeed launcher adds it
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 

@@ -36,17 +36,33 @@ def _clean_env() -> dict:
     return env
 
 
-def launch(nproc: int, args: list[str], out: Path, timeout: int = 240, launcher: bool = True) -> None:
-    """Start nproc ranks of parallel.check; fail with the logs if one fails or the run times out."""
+def _slurm_job_id() -> int:
+    """A job id whose derived port (15000 + id % 20000, parallel.setup.launcher_env) is free now."""
+    for _ in range(100):
+        port = free_port()
+        if 15000 <= port < 35000:
+            return port - 15000
+    pytest.skip("no free port in 15000..34999 for the srun-style launch")
+
+
+def launch(nproc: int, args: list[str], out: Path, timeout: int = 240, launcher: str | None = "torchrun") -> None:
+    """Start nproc ranks of parallel.check; fail with the logs if one fails or the run times out.
+
+    launcher: "torchrun" sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* as torchrun or the deepspeed launcher do;
+    "srun" sets only SLURM_* variables (parallel.setup maps them); None sets nothing (a plain python)."""
     cmd = [sys.executable, "-m", "parallel.check", "--no-compare", "--out", str(out),
            "--steps", str(STEPS), "--global-batch", str(GLOBAL), "--micro-batch", str(MICRO), "--seq", str(SEQ), *args]
     port = str(free_port())
+    job_id = str(_slurm_job_id()) if launcher == "srun" else ""
     procs, logs = [], []
     for rank in range(nproc):
         env = _clean_env()
-        if launcher:
+        if launcher == "torchrun":
             env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=port)
+        elif launcher == "srun":
+            env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(nproc), SLURM_STEP_NUM_TASKS=str(nproc),
+                       SLURM_LOCALID=str(rank), SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="localhost")
         log = open(out.parent / f"{out.name}_rank{rank}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -137,8 +153,9 @@ def test_tp2_pp2(tmp_path, ref):
 
 
 def test_zero_1_2_3(tmp_path, ref):
+    """dp=2, started the way srun starts tasks (only SLURM_* variables)."""
     out = tmp_path / "zero"
-    launch(2, ["--zero", "1,2,3"], out)
+    launch(2, ["--zero", "1,2,3"], out, launcher="srun")
     for zero in (1, 2, 3):
         check(records(out, zero, 2), ref, LOSSES | {"grad_norm"})
 
@@ -146,7 +163,7 @@ def test_zero_1_2_3(tmp_path, ref):
 def test_one_process_without_launcher(tmp_path, ref):
     """A plain `python -m ...`: no RANK/MASTER_PORT; init_distributed must fill them (no MPI discovery)."""
     out = tmp_path / "plain"
-    launch(1, [], out, launcher=False)
+    launch(1, [], out, launcher=None)
     check(records(out, 0, 1), ref, LOSSES | {"embedding_grad", "logits"})
 
 
