@@ -61,52 +61,67 @@ def make_prompt(args, model, tokenizer) -> list[int]:
     return torch.randint(0, model.cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
 
 
-def step_costs(model, prompt: list[int], context_len: int, repeats: int = 50) -> dict:
-    """Median seconds of a 1- and 2-token full step and a 2-position module step at `context_len` cached
-    positions, each followed by the LM head on its last position as in decoding. Rolled back after each
-    call, so every measurement sees the same cache length."""
-    import torch
+class StepCosts:
+    """Seconds of a 1- and 2-token full step and a 2-position module step at `context_len` cached positions,
+    each followed by the LM head on its last position as in decoding, and rolled back afterwards so every
+    sample sees the same cache length. `sample` is called between the decoding repeats, so these timings
+    and the tokens/s share the machine's load; `summary` takes medians."""
 
-    from inference.decoding import _greedy
+    def __init__(self, model, prompt: list[int], context_len: int):
+        import torch
 
-    device = next(model.parameters()).device
-    ids = torch.tensor([(prompt * (context_len // len(prompt) + 2))[:context_len + 3]], device=device)
-    base, module = model.new_caches(1, context_len + 4, device=device)
-    with torch.inference_mode():
-        h = model.base_step(ids[:, :context_len], base)
-        if module is not None:
-            model.module_step(h, ids[:, 1:context_len + 1], module)
-        h2 = model.base_step(ids[:, context_len:context_len + 2], base)
-        base.rollback(2)
+        self.model, self.context_len = model, context_len
+        device = next(model.parameters()).device
+        self.ids = torch.tensor([(prompt * (context_len // len(prompt) + 2))[:context_len + 3]], device=device)
+        self.base, self.module = model.new_caches(1, context_len + 4, device=device)
+        with torch.inference_mode():
+            h = model.base_step(self.ids[:, :context_len], self.base)
+            if self.module is not None:
+                model.module_step(h, self.ids[:, 1:context_len + 1], self.module)
+            self.h2 = model.base_step(self.ids[:, context_len:context_len + 2], self.base)
+            self.base.rollback(2)
+        self.kinds = {"full_1": lambda: self._full(1), "full_2": lambda: self._full(2)}
+        if self.module is not None:
+            self.kinds["module_2"] = self._module
+        self.times = {k: [] for k in self.kinds}
+        self.sample(2, keep=False)           # warmup
 
-        def full(m):
-            _greedy(model, model.base_step(ids[:, context_len:context_len + m], base)[:, -1:])
-            base.rollback(m)
+    def _full(self, m: int):
+        from inference.decoding import _greedy
 
-        def module_step():
-            _greedy(model, model.module_step(h2, ids[:, context_len + 1:context_len + 3], module)[:, -1:])
-            module.rollback(2)
+        c = self.context_len
+        _greedy(self.model, self.model.base_step(self.ids[:, c:c + m], self.base)[:, -1:])
+        self.base.rollback(m)
 
-        kinds = {"full_1": lambda: full(1), "full_2": lambda: full(2)}
-        if module is not None:
-            kinds["module_2"] = module_step
-        times = {k: [] for k in kinds}
-        for i in range(repeats + 2):
-            for name, fn in kinds.items():
-                start = time.perf_counter()
-                fn()
-                if i >= 2:                    # the first two rounds are warmup
-                    times[name].append(time.perf_counter() - start)
-    t = {k: statistics.median(v) for k, v in times.items()}
-    out = {"context_len": context_len, "full_1_s": t["full_1"], "full_2_s": t["full_2"],
-           "c2_over_c1": t["full_2"] / t["full_1"]}
-    if "module_2" in t:
-        out.update(module_2_s=t["module_2"], f=t["module_2"] / t["full_1"])
-        out["recycle_bound"] = 2 / (out["c2_over_c1"] + out["f"])
-    return out
+    def _module(self):
+        from inference.decoding import _greedy
+
+        c = self.context_len
+        _greedy(self.model, self.model.module_step(self.h2, self.ids[:, c + 1:c + 3], self.module)[:, -1:])
+        self.module.rollback(2)
+
+    def sample(self, rounds: int, keep: bool = True):
+        import torch
+
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for name, fn in self.kinds.items():
+                    start = time.perf_counter()
+                    fn()
+                    if keep:
+                        self.times[name].append(time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        t = {k: statistics.median(v) for k, v in self.times.items()}
+        out = {"context_len": self.context_len, "samples": len(self.times["full_1"]), "full_1_s": t["full_1"],
+               "full_2_s": t["full_2"], "c2_over_c1": t["full_2"] / t["full_1"]}
+        if "module_2" in t:
+            out.update(module_2_s=t["module_2"], f=t["module_2"] / t["full_1"])
+            out["recycle_bound"] = 2 / (out["c2_over_c1"] + out["f"])
+        return out
 
 
-def run_modes(model, prompt, modes, new_tokens, repeats) -> dict:
+def run_modes(model, prompt, modes, new_tokens, repeats, costs: StepCosts, cost_rounds: int = 60) -> dict:
     from inference.decoding import greedy_generate
 
     for mode in modes:                        # warmup: allocator, kernels, first-call overheads
@@ -118,6 +133,7 @@ def run_modes(model, prompt, modes, new_tokens, repeats) -> dict:
             g = greedy_generate(model, prompt, mode, new_tokens)
             runs[mode].append(g.stats)
             tokens[mode] = g.tokens
+        costs.sample(-(-cost_rounds // repeats))
     results = {}
     for mode, stats in runs.items():
         tps = [s.tokens_per_s for s in stats]
@@ -205,8 +221,9 @@ def main(argv=None) -> int:
         raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
                          f"context of {model.cfg.max_seq_len} tokens; lower one of them")
     prompt = make_prompt(args, model, tokenizer)
-    results = run_modes(model, prompt, modes, args.new_tokens, args.repeats)
-    costs = step_costs(model, prompt, args.prompt_len + args.new_tokens // 2)
+    costs = StepCosts(model, prompt, args.prompt_len + args.new_tokens // 2)   # the mid-generation length
+    results = run_modes(model, prompt, modes, args.new_tokens, args.repeats, costs)
+    costs = costs.summary()
     if "verify" in results and "f" in costs:
         costs["verify_bound"] = (1 + results["verify"]["acceptance_rate"]) / (costs["c2_over_c1"] + costs["f"])
     report = {"model": description, "parameters": model.cfg.num_parameters(), "config": model.cfg.to_dict(),
