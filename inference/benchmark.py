@@ -138,13 +138,15 @@ def run_modes(model, prompt, modes, new_tokens, repeats, costs: StepCosts, cost_
     for mode, stats in runs.items():
         tps = [s.tokens_per_s for s in stats]
         last = stats[-1]
-        results[mode] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
+        results[mode] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
                          "tau": last.tau, "acceptance_rate": last.acceptance_rate,
                          "full_forwards": last.full_forwards, "module_forwards": last.module_forwards,
                          "new_tokens": last.new_tokens, "prefill_s": statistics.median(s.prefill_seconds for s in stats)}
     if "standard" in results:
         for mode, res in results.items():
             res["speedup"] = res["tokens_per_s"] / results["standard"]["tokens_per_s"]
+            # Load from other processes only ever slows a run down: best-of-runs is a second, less noisy view.
+            res["speedup_best"] = res["tokens_per_s_best"] / results["standard"]["tokens_per_s_best"]
         if "verify" in results:              # lossless means identical tokens; check it on every benchmark
             results["verify"]["identical_to_standard"] = tokens["verify"] == tokens["standard"]
     return results
@@ -155,12 +157,14 @@ def print_table(report: dict):
     print(f"{report['model']}  ({report['parameters']['total'] / 1e6:.1f}M params, {report['device']}, "
           f"{report['dtype']}, {report['threads']} threads)  prompt {report['prompt_len']}, "
           f"{report['new_tokens']} new tokens, {report['repeats']} repeats")
-    print(f"{'mode':<10}{'tokens/s':>10}{'speedup':>9}{'tau':>7}{'accept':>8}{'full fwd':>10}{'module fwd':>12}")
+    print(f"{'mode':<10}{'tokens/s':>10}{'speedup':>9}{'best tok/s':>12}{'speedup':>9}{'tau':>7}{'accept':>8}"
+          f"{'full fwd':>10}{'module fwd':>12}")
     for mode, r in results.items():
         acc = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        print(f"{mode:<10}{r['tokens_per_s']:>10.1f}{speed:>9}{r['tau']:>7.2f}{acc:>8}{r['full_forwards']:>10}"
-              f"{r['module_forwards']:>12}")
+        best = f"{r['speedup_best']:.2f}x" if "speedup" in r else "-"
+        print(f"{mode:<10}{r['tokens_per_s']:>10.1f}{speed:>9}{r['tokens_per_s_best']:>12.1f}{best:>9}{r['tau']:>7.2f}"
+              f"{acc:>8}{r['full_forwards']:>10}{r['module_forwards']:>12}")
     line = (f"step costs at {costs['context_len']} cached positions: c(1) {1e3 * costs['full_1_s']:.2f} ms, "
             f"c(2)/c(1) {costs['c2_over_c1']:.2f}")
     if "f" in costs:
