@@ -106,7 +106,8 @@ def _probe(engine, param, record: dict):
 
 
 def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro: int, seq: int,
-               save_dir: Path | None = None, detach_base: bool = False, activation_checkpointing: bool = False) -> dict:
+               save_dir: Path | None = None, detach_base: bool = False, activation_checkpointing: bool = False,
+               bf16: bool = False) -> dict:
     from megatron.core import parallel_state as ps
 
     from parallel.deepspeed_config import deepspeed_config
@@ -117,14 +118,14 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
     ctx = current()
     dims = ParallelDims(tp=tp, pp=pp, world_size=ctx.dims.world_size)
     ds = deepspeed_config(dims, micro_batch=micro, global_batch=global_batch, grad_clip=CLIP, zero_stage=zero,
-                          precision="fp32")
+                          precision="bf16" if bf16 else "fp32")
     engine, module = build_engine(CFG, dims, ds, SEED, detach_base=detach_base,
                                   activation_checkpointing=activation_checkpointing,
                                   optimizer_factory=make_optimizer, scheduler_factory=make_scheduler)
     emb = module.embedding.weight if pp == 1 else dict(module.full_named_parameters()).get("embedding.weight")
     record = {"tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "zero": zero,
               "has_embedding": emb is not None, "losses": []}
-    if zero == 0:
+    if zero == 0 and not bf16:
         _probe(engine, emb, record)
         if pp == 1:                           # decoding path: full-vocabulary logits gathered over TP
             with torch.no_grad():
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="store_true", help="also write a DeepSpeed checkpoint per ZeRO stage")
     p.add_argument("--detach-base", action="store_true", help="train only the recyclable module")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 DeepSpeed engines, on a CPU too (emulates the GPU "
+                   "path, which deepspeed_config only enables with CUDA)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # deepspeed launcher adds it
     args = p.parse_args(argv)
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     from parallel.setup import destroy, init_distributed, seed_everything
 
     dims = ParallelDims.from_config(CFG, tp=args.tp, pp=args.pp)
+    if args.bf16 and not torch.cuda.is_available():
+        import parallel.deepspeed_config as dsc
+        dsc.use_bf16 = lambda precision="auto": precision == "bf16"
     ctx = init_distributed(dims)
     seed_everything(SEED, dims)
     out_dir = Path(args.out)
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
     for zero in (int(z) for z in args.zero.split(",")):
         record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq,
                             out_dir / f"ckpt_zero{zero}" if args.save else None, args.detach_base,
-                            args.activation_checkpointing)
+                            args.activation_checkpointing, args.bf16)
         torch.save(record, out_dir / f"zero{zero}_rank{ctx.rank}.pt")
         results[zero] = record
     torch.distributed.barrier()

@@ -66,8 +66,9 @@ def deepspeed_config(dims: ParallelDims, *, micro_batch: int, global_batch: int,
         "steps_per_print": steps_per_print,      # the trainer logs itself
         "wall_clock_breakdown": False,
     }
-    if bf16 and dims.pp > 1:
-        # Pipeline + bf16 keeps fp32 master weights in DeepSpeed's BF16 optimizer; accumulate grads in fp32.
+    if bf16 and dims.pp > 1 and zero_stage == 1:
+        # Pipeline + bf16 + ZeRO-1: DeepSpeed's BF16 optimizer (fp32 master weights) accumulating gradients in
+        # fp32, as Megatron-DeepSpeed runs it. (With ZeRO 0 DeepSpeed accepts only bf16 accumulation.)
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if optimizer is not None:
         optimizer = json.loads(json.dumps(optimizer))

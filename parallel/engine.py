@@ -71,7 +71,25 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
     params = None if optimizer is not None else [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params,
                                            lr_scheduler=scheduler_factory, mpu=mpu, config=ds_config)
+    _undo_init_step(engine)
     return engine, module
+
+
+@torch.no_grad()
+def _undo_init_step(engine):
+    """bf16 with ZeRO 0 and pp == 1 wraps the optimizer in DeepSpeed's FP16_UnfusedOptimizer, which runs one
+    real `optimizer.step()` on zero gradients at construction to create the optimizer state. For AdamW that
+    is not a no-op: the step counter becomes 1 (the first real update is ~25 % too small by bias
+    correction) and the fp32 master weights are decayed once by lr x weight_decay. Undo both: masters back
+    from the bf16 weights they were copied from, optimizer state cleared (torch optimizers create it lazily)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        for low, master in zip(opt.fp16_groups, opt.fp32_groups):
+            for p_low, p_master in zip(low, master):
+                p_master.copy_(p_low)
+        opt.optimizer.state.clear()
 
 
 def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:

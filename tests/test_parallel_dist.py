@@ -185,3 +185,14 @@ def test_tp2_detach_base_trains_only_the_module(tmp_path):
     launch(2, ["--tp", "2", "--detach-base", "--activation-checkpointing"], out)
     check(records(out, 0, 2), reference_run(STEPS, GLOBAL, MICRO, SEQ, detach_base=True),
           LOSSES | {"logits"})
+
+
+def test_bf16_engines_agree(tmp_path, ref):
+    """The GPU precision (bf16), emulated on CPU: ZeRO 0 (DeepSpeed's FP16_UnfusedOptimizer, whose dummy
+    init step build_engine undoes) and ZeRO 1 (fp32 partitions) train alike, and near the fp32 run."""
+    from parallel.check import rel_diff
+    out = tmp_path / "bf16"
+    launch(2, ["--bf16", "--zero", "0,1"], out)
+    z0, z1 = records(out, 0, 2)[0], records(out, 1, 2)[0]
+    assert rel_diff(z0["losses"], z1["losses"]) <= 5e-4 and rel_diff(z0["eval"], z1["eval"]) <= 5e-4
+    assert rel_diff(z1["losses"], ref["losses"]) <= 1e-2
