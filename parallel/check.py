@@ -107,7 +107,9 @@ def _probe(engine, param, record: dict):
 
 def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro: int, seq: int,
                save_dir: Path | None = None, detach_base: bool = False, activation_checkpointing: bool = False,
-               bf16: bool = False) -> dict:
+               bf16: bool = False, resume_at: int | None = None, scratch: Path | None = None) -> dict:
+    """Train `steps` steps under one layout; with `resume_at`, save a DeepSpeed checkpoint after that many
+    steps, drop the engine, build a fresh one (other seed) and continue from the checkpoint."""
     from megatron.core import parallel_state as ps
 
     from parallel.deepspeed_config import deepspeed_config
@@ -119,9 +121,13 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
     dims = ParallelDims(tp=tp, pp=pp, world_size=ctx.dims.world_size)
     ds = deepspeed_config(dims, micro_batch=micro, global_batch=global_batch, grad_clip=CLIP, zero_stage=zero,
                           precision="bf16" if bf16 else "fp32")
-    engine, module = build_engine(CFG, dims, ds, SEED, detach_base=detach_base,
-                                  activation_checkpointing=activation_checkpointing,
-                                  optimizer_factory=make_optimizer, scheduler_factory=make_scheduler)
+
+    def new_engine(seed):
+        return build_engine(CFG, dims, ds, seed, detach_base=detach_base,
+                            activation_checkpointing=activation_checkpointing,
+                            optimizer_factory=make_optimizer, scheduler_factory=make_scheduler)
+
+    engine, module = new_engine(SEED)
     emb = module.embedding.weight if pp == 1 else dict(module.full_named_parameters()).get("embedding.weight")
     record = {"tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank, "zero": zero,
               "has_embedding": emb is not None, "losses": []}
@@ -135,6 +141,13 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
                 record["recycle_logits"] = module.logits(module.recycle_hidden(h[:, :-1], ids[:, 1:]))
     gas = engine.gradient_accumulation_steps()
     for step in range(steps):
+        if step == resume_at:
+            engine.save_checkpoint(str(scratch / f"resume_zero{zero}"), tag="mid")
+            del engine, module
+            engine, module = new_engine(SEED + 1)          # wrong weights until the checkpoint loads
+            path, _ = engine.load_checkpoint(str(scratch / f"resume_zero{zero}"), tag="mid")
+            assert path is not None, "checkpoint did not load"
+            record["resumed_at"] = step
         batches = global_micro_batches(step, global_batch, micro, seq, CFG.vocab_size)
         mine = batches[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas]
         out = train_batch(engine, mine)
@@ -215,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="store_true", help="also write a DeepSpeed checkpoint per ZeRO stage")
     p.add_argument("--detach-base", action="store_true", help="train only the recyclable module")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--resume-at", type=int, help="save after this many steps and continue in a new engine")
     p.add_argument("--bf16", action="store_true", help="bf16 DeepSpeed engines, on a CPU too (emulates the GPU "
                    "path, which deepspeed_config only enables with CUDA)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True)
@@ -237,7 +251,7 @@ def main(argv=None) -> int:
     for zero in (int(z) for z in args.zero.split(",")):
         record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq,
                             out_dir / f"ckpt_zero{zero}" if args.save else None, args.detach_base,
-                            args.activation_checkpointing, args.bf16)
+                            args.activation_checkpointing, args.bf16, args.resume_at, out_dir)
         torch.save(record, out_dir / f"zero{zero}_rank{ctx.rank}.pt")
         results[zero] = record
     torch.distributed.barrier()

@@ -142,22 +142,25 @@ def test_pp2(tmp_path, ref):
 
 
 def test_tp2_pp2(tmp_path, ref):
-    """4 processes; also recomputes activations (checkpointing in the decoder layers and the module)."""
+    """4 processes; recomputes activations (checkpointing in the decoder layers and the module), and resumes
+    from a DeepSpeed checkpoint after 3 steps in a fresh engine built with another seed."""
     from parallel.reshard import pipeline_state_dict
     out = tmp_path / "tp2pp2"
-    launch(4, ["--tp", "2", "--pp", "2", "--save", "--activation-checkpointing"], out)
+    launch(4, ["--tp", "2", "--pp", "2", "--save", "--activation-checkpointing", "--resume-at", "3"], out)
     recs = records(out, 0, 4)
     diffs = check(recs, ref, LOSSES | {"embedding_grad"})
-    assert diffs["embedding_grad_stages"] == [0, 1]
+    assert diffs["embedding_grad_stages"] == [0, 1] and all(r["resumed_at"] == 3 for r in recs)
     assert_same_state(pipeline_state_dict(out / "ckpt_zero0" / "final", CFG), merged_state(recs))
 
 
 def test_zero_1_2_3(tmp_path, ref):
-    """dp=2, started the way srun starts tasks (only SLURM_* variables)."""
+    """dp=2, started the way srun starts tasks (only SLURM_* variables); each stage resumes after 2 steps."""
     out = tmp_path / "zero"
-    launch(2, ["--zero", "1,2,3"], out, launcher="srun")
+    launch(2, ["--zero", "1,2,3", "--resume-at", "2"], out, launcher="srun")
     for zero in (1, 2, 3):
-        check(records(out, zero, 2), ref, LOSSES | {"grad_norm"})
+        recs = records(out, zero, 2)
+        check(recs, ref, LOSSES | {"grad_norm"})
+        assert all(r["resumed_at"] == 2 for r in recs)
 
 
 def test_one_process_without_launcher(tmp_path, ref):
