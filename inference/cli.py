@@ -73,8 +73,9 @@ def check_model_args(args):
             raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
 
 
-def model_from_args(args, extra_positions: int):
-    """(model, tokenizer or None, device, dtype, description) for the validated model flags."""
+def model_from_args(args, cache_len: int):
+    """(model, tokenizer or None, device, dtype, description) for the validated model flags; `cache_len`
+    (KV-cache positions) only enters the memory check of --random-init presets."""
     import torch
 
     from inference import loading
@@ -86,7 +87,7 @@ def model_from_args(args, extra_positions: int):
         model, tokenizer = loading.load_model_dir(args.model, dtype, device)
         description = args.model
     else:
-        model = loading.random_init_model(args.preset, dtype, device, args.seed, extra_positions)
+        model = loading.random_init_model(args.preset, dtype, device, args.seed, cache_len)
         tokenizer = None
         description = f"preset {args.preset} (random init)"
     if args.tokenizer:

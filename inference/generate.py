@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     from inference.decoding import greedy_generate
 
-    model, tokenizer, _, _, _ = model_from_args(args, extra_positions=0)
+    model, tokenizer, _, _, _ = model_from_args(args, cache_len=args.max_new_tokens + 2)
     if tokenizer is None:
         raise UsageError(f"no tokenizer for a {model.cfg.vocab_size}-token vocabulary; pass --tokenizer DIR")
     prompt_ids = tokenizer.encode(args.prompt)
