@@ -189,7 +189,7 @@ def plot(report: dict, path: Path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(modes, med, yerr=[lo, hi], capsize=4, color=["#888", "#3a7", "#37a"][:len(modes)])
     for i, m in enumerate(modes):
-        note = f"{results[m].get('speedup', 1):.2f}x, tau {results[m]['tau']:.2f}"
+        note = (f"{results[m]['speedup']:.2f}x, " if "speedup" in results[m] else "") + f"tau {results[m]['tau']:.2f}"
         ax.text(i, med[i] / 2, note, ha="center", va="center", color="white", fontsize=9)
     bound = report["step_costs"].get("recycle_bound")
     if bound and "standard" in results:
