@@ -92,7 +92,7 @@ class RecycleGPT(nn.Module):
         """The full model's final hidden state h (after the final norm) for the given tokens."""
         x = self.embedding(input_ids)
         T = input_ids.shape[1]
-        cos, sin = self.rotary(torch.arange(start_pos, start_pos + T, device=input_ids.device))
+        cos, sin = self.rotary(start_pos, T)
         for idx, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

@@ -32,17 +32,29 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self._build(None)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} exceeds the rotary table "
-                             f"({self.cos.shape[0]} positions); raise model.max_seq_len")
-        return self.cos[positions], self.sin[positions]
+    def _build(self, device):
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float().to(device), persistent=False)
+        self.register_buffer("sin", angles.sin().float().to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` would round the tables and shift far positions; keep them in fp32.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self._build(self.cos.device)
+        return self
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start+length-1 (plain ints: no device sync while decoding)."""
+        if start + length > self.max_positions:
+            raise ValueError(f"position {start + length - 1} exceeds the rotary table ({self.max_positions} "
+                             "positions); raise model.max_seq_len")
+        return self.cos[start:start + length], self.sin[start:start + length]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

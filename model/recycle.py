@@ -36,8 +36,7 @@ class RecyclableModule(nn.Module):
         T = h.shape[1]
         u = self.linear_in(torch.cat([self.hidden_norm(h), self.embed_norm(next_embeds)], dim=-1))
         # The module's state at position i stands for token i+1, hence rotary position i + 1.
-        positions = torch.arange(start_pos + 1, start_pos + 1 + T, device=h.device)
-        cos, sin = rotary(positions)
+        cos, sin = rotary(start_pos + 1, T)
         for idx, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and cache is None:
                 u = checkpoint(layer, u, cos, sin, use_reentrant=False)

@@ -67,7 +67,7 @@ class DecoderLayerPipe(DecoderLayer):
 
     def forward(self, inputs):
         x, labels = inputs
-        cos, sin = rotary_for(self.cfg, x.device)(torch.arange(x.shape[1], device=x.device))
+        cos, sin = rotary_for(self.cfg, x.device)(0, x.shape[1])
         if self.activation_checkpointing and self.training:
             x = checkpoint(super().forward, x, cos, sin, use_reentrant=False)
         else:
