@@ -51,6 +51,25 @@ def build_corpus(path: Path, min_bytes: int, records) -> int:
     return written
 
 
+def tokenizer_ceiling(tokenizer_dir, records, n_bytes=5_000_000):
+    """Tokens per CPU-second of the bare Rust tokenizer on one core: the most one worker can do."""
+    from tokenizers import Tokenizer
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        return None
+    tok = Tokenizer.from_file(str(path))
+    texts, size = [], 0
+    for line in records:
+        texts.append(json.loads(line)["text"])
+        size += len(texts[-1])
+        if size >= n_bytes:
+            break
+    t0, tokens = time.process_time(), 0
+    for i in range(0, len(texts), 64):
+        tokens += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i:i + 64]))
+    return round(tokens / (time.process_time() - t0))
+
+
 def measure(cmd, env):
     """Run cmd; sample the process tree's memory and CPU until it exits."""
     proc = psutil.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -75,7 +94,7 @@ def measure(cmd, env):
     output = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"tokenize failed ({proc.returncode}):\n{output}")
-    return peak_tree, peak_main, sum(cpu_by_pid.values()), output
+    return peak_tree, peak_main, cpu_by_pid.get(proc.pid, 0.0), sum(cpu_by_pid.values()), output
 
 
 def main():
@@ -98,6 +117,9 @@ def main():
         print(f"built {path.name}: {sizes[scale] / 1e6:.1f} MB of JSON lines "
               f"({path.stat().st_size / 1e6:.1f} MB compressed)", flush=True)
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    ceiling = tokenizer_ceiling(args.tokenizer, records)
+    print(f"bare tokenizer on one core: {ceiling / 1e6:.2f} M tokens per CPU-second" if ceiling else "", flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     runs = []
     for scale in (1, args.scale):
@@ -108,7 +130,7 @@ def main():
                    "--log-interval", "30"]
             load_before = os.getloadavg()[0]
             t0 = time.time()
-            peak_tree, peak_main, cpu_s, _ = measure(cmd, env)
+            peak_tree, peak_main, main_cpu_s, cpu_s, _ = measure(cmd, env)
             wall = time.time() - t0
             stats = json.loads(Path(str(out_prefix) + ".stats.json").read_text())
             run = {"scale": scale, "workers": workers, "input_mb": round(sizes[scale] / 1e6, 1),
@@ -116,6 +138,7 @@ def main():
                    "tokens_per_s": round(stats["tokens_per_s"]), "tokenize_s": stats["tokenize_seconds"],
                    "wall_s": round(wall, 2), "tokens_per_s_wall": round(stats["tokens"] / wall),
                    "tokens_per_cpu_s": round(stats["tokens"] / cpu_s) if cpu_s else None,
+                   "cpu_s_main": round(main_cpu_s, 1), "cpu_s_total": round(cpu_s, 1),
                    "peak_rss_mb": round(peak_tree / 2**20, 1), "peak_rss_main_mb": round(peak_main / 2**20, 1),
                    "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
@@ -133,7 +156,7 @@ def main():
     result = {
         "machine": {"cpus": psutil.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "tokenizer": args.tokenizer, "runs": runs,
+        "tokenizer": args.tokenizer, "bare_tokenizer_tokens_per_cpu_s": ceiling, "runs": runs,
         "peak_rss_growth_5x_vs_1x": growth,
         "targets": {"tokens_per_s_2_workers_ge_1M": bool(two and two["tokens_per_s"] >= 1e6),
                     "peak_rss_growth_within_10pct": all(abs(g) <= 0.10 for g in growth.values())},

@@ -192,7 +192,8 @@ class UnitReader:
             import zstandard
             dctx = zstandard.ZstdDecompressor()
             obj, in_frame = dctx.decompressobj(), False
-            while raw := f.read(_CHUNK):
+            # Small compressed reads bound the decompressed burst (ratio x read size) held at once.
+            while raw := f.read(_CHUNK // 4):
                 self.bytes_done = f.tell()
                 # zstandard's stream_reader silently stops at a cut; a decompressobj exposes `.eof`.
                 while raw:
@@ -224,19 +225,24 @@ class UnitReader:
 
     def _lines(self, f):
         """(line_number, bytes) for each line; a cut compressed stream drops its unfinished last line."""
-        pending, lineno = b"", 0
+        pending, lineno = [], 0  # pieces of the unfinished line: joined once, so a huge line costs O(n)
         try:
             for chunk in self._raw_chunks(f):
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
+                lines = chunk.split(b"\n")
+                if len(lines) == 1:
+                    pending.append(chunk)
+                    continue
+                pending.append(lines[0])
+                lines[0] = b"".join(pending)
+                pending = [lines.pop()]
                 for line in lines:
                     lineno += 1
                     yield lineno, line
         except _Truncated:
             yield lineno + 1, None
             return
-        if pending:
-            yield lineno + 1, pending
+        if any(pending):
+            yield lineno + 1, b"".join(pending)
 
     def _jsonl(self):
         path = self.unit.path
