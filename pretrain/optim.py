@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -15,9 +16,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that leaves parameters and moments untouched when any rank holds a non-finite gradient.
+
+    DeepSpeed calls `step` on every rank at the same point (also under ZeRO, on each rank's partition), so the
+    all-reduced flag keeps replicas identical. The trainer logs the skipped step from the non-finite loss.
+    """
+
+    skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+        if dist.is_available() and dist.is_initialized():
+            total = total.to(torch.float32).reshape(1)
+            dist.all_reduce(total)   # a NaN or inf anywhere makes the sum non-finite everywhere
+        if not torch.isfinite(total).all():
+            self.skipped_steps += 1
+            return None
+        return super().step(closure)
+
+
 def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
     on_gpu = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
+    return SkipNonFiniteAdamW(param_groups(model, train.weight_decay), lr=train.lr,
                              betas=(train.beta1, train.beta2), eps=1e-8, fused=on_gpu or None)
 
 

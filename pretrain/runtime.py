@@ -1,91 +1,110 @@
-"""The parallel side of a run as the trainer sees it: process groups, the engine, ranks, forward, reductions."""
+"""The parallel side of a run as the trainer sees it: process groups, the engine, ranks, steps, reductions.
+
+Everything layout-specific (TP layers, the pipeline, ZeRO, the DeepSpeed JSON) lives in parallel/; this file
+only turns the run config into those calls and gives the trainer one interface for every layout.
+"""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from model import RecycleGPT
+from model.gpt import LossOutput
+from parallel.deepspeed_config import deepspeed_config, use_bf16
+from parallel.dims import ParallelDims
 from pretrain.config import RunConfig
-from pretrain.engine import deepspeed_config, launcher_env_defaults, use_bf16
 from pretrain.flops import throughput_row
 from pretrain.optim import make_optimizer, make_scheduler
 
 
+def parallel_dims(cfg: RunConfig) -> ParallelDims:
+    return ParallelDims.from_config(cfg.model.build(), cfg.parallel)
+
+
+def ds_config(cfg: RunConfig, dims: ParallelDims) -> dict:
+    t = cfg.train
+    return deepspeed_config(dims, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
+                            grad_clip=t.grad_clip, zero_stage=cfg.parallel.zero_stage, precision=t.precision,
+                            user_config=cfg.parallel.deepspeed_config or None)
+
+
 def validate_parallel(cfg: RunConfig):
-    """Checks that need no process group (world size from the launcher's environment)."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if tp != 1 or pp != 1:
-        raise ValueError(f"parallel.tp={tp} parallel.pp={pp}: tensor/pipeline parallel training is not wired "
-                         "into the trainer yet; use parallel.tp=1 parallel.pp=1")
-    deepspeed_config(cfg, world)
+    """Checks that need no process group (the world size comes from the launcher's environment)."""
+    dims = parallel_dims(cfg)
+    dims.grad_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    ds_config(cfg, dims)
+    if cfg.recycle.detach_base and dims.pp > 1:
+        raise ValueError("recycle.detach_base=true needs parallel.pp=1 (the pipeline sends a gradient back "
+                         "through every stage); train the module with tp/ZeRO instead")
 
 
 @dataclass
 class Runtime:
     engine: object
-    rank: int
-    world_size: int
-    dp_rank: int
-    dp_size: int
-    bf16: bool
-    device: torch.device
+    ctx: object            # parallel.setup.DistContext
     cfg: RunConfig
+
+    rank = property(lambda self: self.ctx.rank)
+    world_size = property(lambda self: self.ctx.dims.world_size)
+    dp_rank = property(lambda self: self.ctx.dp_rank)
+    dp_size = property(lambda self: self.ctx.dims.dp)
+    device = property(lambda self: self.ctx.device)
+    bf16 = property(lambda self: self.engine.bfloat16_enabled())
 
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    def forward(self, engine, batch: dict, train: bool):
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        return engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+    def train_batch(self, micro_batches: list[dict]) -> LossOutput:
+        from parallel.engine import train_batch
+        return train_batch(self.engine, micro_batches)
 
-    def average_over_dp(self, value: float) -> float:
-        if self.dp_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.dp_size
+    def eval_batch(self, micro_batches: list[dict]) -> LossOutput:
+        from parallel.engine import eval_batch
+        return eval_batch(self.engine, micro_batches)
 
-    def grad_norm(self, engine) -> float:
-        """Global gradient norm before clipping. ZeRO and bf16 optimizers compute it during the step; for a plain
-        fp32 engine it is taken here from the (already data-parallel averaged) gradients."""
-        if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled():
-            return math.nan   # the trainer reads engine.get_global_grad_norm() after the step
-        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
 
     def throughput(self, tokens_per_s: float) -> dict:
         return throughput_row(self.cfg.model.build(), self.cfg.train.seq_length, tokens_per_s, self.world_size)
 
     def shutdown(self):
+        from parallel.setup import destroy
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+        destroy()
+
+
+def _record_fp32_grad_norm(engine):
+    """DeepSpeed's plain fp32 engine clips but throws the norm away; keep it for metrics.jsonl."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def build_runtime(cfg: RunConfig) -> Runtime:
-    import deepspeed
+    from parallel.engine import build_engine
+    from parallel.setup import init_distributed, seed_everything
 
-    launcher_env_defaults()
-    on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = RecycleGPT(cfg.model.build()).to(device)
-    model.recycle_weight = cfg.recycle.weight
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.recycle.detach_base:
-        model.freeze_base()
-    optimizer = make_optimizer(model, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=make_scheduler(optimizer, cfg.train),
-                                           config=deepspeed_config(cfg, world))
-    return Runtime(engine, rank, world, rank, world, use_bf16(cfg), device, cfg)
+    dims = parallel_dims(cfg)
+    ctx = init_distributed(dims)
+    seed_everything(cfg.seed, dims)
+    model_cfg = cfg.model.build()
+    engine, _ = build_engine(
+        model_cfg, dims, ds_config(cfg, dims), cfg.seed, recycle_weight=cfg.recycle.weight,
+        detach_base=cfg.recycle.detach_base, activation_checkpointing=cfg.train.activation_checkpointing,
+        optimizer_factory=lambda module: make_optimizer(module, cfg.train),
+        scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train))
+    if not engine.zero_optimization() and not engine.bfloat16_enabled():
+        _record_fp32_grad_norm(engine)
+    return Runtime(engine, ctx, cfg)
+
+
+__all__ = ["Runtime", "build_runtime", "validate_parallel", "use_bf16"]

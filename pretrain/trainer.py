@@ -71,40 +71,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
     def train_step(self, batches: Batches) -> dict:
-        sums = {"loss": 0.0, "lm_loss": 0.0, "recycle_loss": 0.0}
-        accum = self.engine.gradient_accumulation_steps()
-        finite = True
-        for micro in range(accum):
-            out = self.rt.forward(self.engine, batches.next(), train=True)
-            finite &= bool(torch.isfinite(out.loss).item())
-            self.engine.backward(out.loss)
-            if micro == accum - 1:
-                self.grad_norm = self.rt.grad_norm(self.engine)  # before the step clips the gradients
-            self.engine.step()
-            for key in sums:
-                value = getattr(out, key)
-                sums[key] += value.item() / accum if value is not None else math.nan
-        if math.isnan(self.grad_norm):
-            norm = self.engine.get_global_grad_norm()
-            self.grad_norm = float(norm) if norm is not None else math.nan
+        micro = [batches.next() for _ in range(self.engine.gradient_accumulation_steps())]
+        out = self.rt.train_batch(micro)
         self.consumed += self.cfg.train.global_batch_size
-        return {k: self.rt.average_over_dp(v) for k, v in sums.items()} | {"finite": finite}
+        return {"loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
+                "recycle_loss": math.nan if out.recycle_loss is None else out.recycle_loss.item(),
+                "grad_norm": self.rt.grad_norm()}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.valid_set is None:
             return {}
-        self.engine.eval()
-        batches = Batches(self.valid_set, 0, self.cfg.train.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "recycle_loss": 0.0}
-        n = self.cfg.train.eval_iters
-        for _ in range(n):
-            out = self.rt.forward(self.engine, batches.next(), train=False)
-            for key in sums:
-                value = getattr(out, key)
-                sums[key] += value.item() / n if value is not None else math.nan
-        self.engine.train()
-        row = {k: self.rt.average_over_dp(v) for k, v in sums.items()}
+        t = self.cfg.train
+        batches = Batches(self.valid_set, 0, t.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
+        out = self.rt.eval_batch([batches.next() for _ in range(t.eval_iters)])
+        row = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
+               "recycle_loss": math.nan if out.recycle_loss is None else out.recycle_loss.item()}
         row["ppl"] = math.exp(min(row["lm_loss"], 50.0))
         return row
 
@@ -129,9 +111,10 @@ class Trainer:
             stats = self.train_step(batches)
             self.step += 1
             dt = time.perf_counter() - tic
-            if not stats.pop("finite"):
+            if not math.isfinite(stats["loss"]):
                 bad_in_a_row += 1
-                log.warning("step %d: non-finite loss %s (%d in a row)", self.step, stats["loss"], bad_in_a_row)
+                log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step, stats["loss"],
+                            bad_in_a_row)
                 if bad_in_a_row >= t.max_bad_steps:
                     raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: lower "
                                        "train.lr, check the data, or resume from an earlier checkpoint")
@@ -139,7 +122,7 @@ class Trainer:
                 bad_in_a_row = 0
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 row = {"step": self.step, **stats, "lr": self.engine.get_lr()[0],
-                       "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_step / dt,
+                       "tokens_per_s": self.tokens_per_step / dt,
                        "consumed_samples": self.consumed}
                 row.update(self.rt.throughput(self.tokens_per_step / dt))
                 metrics.log(row)
