@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         return 2
 
     from pretrain.runtime import build_runtime
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import Trainer, TrainingAborted
 
     runtime = build_runtime(cfg)
     setup_logging(runtime.rank)
@@ -64,7 +64,12 @@ def main(argv=None) -> int:
         "run %s: %s, world %d (tp %d, pp %d, dp %d), zero %d, %s", cfg.run.dir, cfg.model.preset,
         runtime.world_size, cfg.parallel.tp, cfg.parallel.pp, runtime.dp_size, cfg.parallel.zero_stage,
         "bf16" if runtime.bf16 else "fp32")
-    outcome = Trainer(cfg, runtime).fit()
+    try:
+        outcome = Trainer(cfg, runtime).fit()
+    except TrainingAborted as e:
+        logging.getLogger("recyclegpt.train").error("training aborted: %s", e)
+        print(f"error: training aborted: {e}", file=sys.stderr)
+        return 1
     runtime.shutdown()
     return 0 if outcome == "done" or outcome.startswith("stopped") else 1
 

@@ -19,6 +19,10 @@ from pretrain.metrics import MetricsLogger, plot_losses
 log = logging.getLogger("recyclegpt.train")
 
 
+class TrainingAborted(RuntimeError):
+    """The run cannot usefully continue; the message says why and what to do."""
+
+
 class StopRequested:
     """SIGTERM/SIGUSR1 (SLURM pre-emption, scancel --signal) set a flag; the loop saves at the next step."""
 
@@ -116,7 +120,7 @@ class Trainer:
                 log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", self.step, stats["loss"],
                             bad_in_a_row)
                 if bad_in_a_row >= t.max_bad_steps:
-                    raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: lower "
+                    raise TrainingAborted(f"{bad_in_a_row} non-finite losses in a row at step {self.step}: lower "
                                        "train.lr, check the data, or resume from an earlier checkpoint")
             else:
                 bad_in_a_row = 0

@@ -104,3 +104,35 @@ def test_config_errors_are_one_line_before_training(tmp_path, sotu_prefix, overr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+NAN_INJECTOR = """
+import sys
+from model.gpt import RecycleGPT
+original, calls = RecycleGPT.forward, [0]
+bad = {int(c) for c in sys.argv[1].split(",")}
+def forward(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    if self.training:
+        calls[0] += 1
+        if calls[0] in bad or (-1 in bad and calls[0] > 2):
+            return out._replace(loss=out.loss * float("nan"))
+    return out
+RecycleGPT.forward = forward
+from pretrain.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_nan_loss_skips_the_update_and_k_in_a_row_abort(tmp_path, sotu_prefix):
+    base = ["--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{sotu_prefix}]", "train.max_bad_steps=3"]
+    # Micro-batch call 5 is the first half of step 3 (2 micro-batches per step).
+    proc = cli("-c", NAN_INJECTOR, "5", *base, f"run.dir={tmp_path / 'one'}", "train.steps=5")
+    assert "step 3: non-finite loss nan, update skipped (1 in a row)" in proc.stdout
+    losses = [r["loss"] for r in rows(tmp_path / "one")]
+    assert losses[2] != losses[2] and all(x == x for i, x in enumerate(losses) if i != 2)  # only step 3 is NaN
+    assert losses[4] < losses[1]          # the skipped update left the weights usable: training went on
+
+    proc = cli("-c", NAN_INJECTOR, "-1", *base, f"run.dir={tmp_path / 'many'}", "train.steps=8", check=False)
+    assert proc.returncode == 1
+    assert "error: training aborted: 3 non-finite losses in a row at step 4" in proc.stderr
