@@ -25,7 +25,7 @@ demo: setup
 	$(PY) -m pretrain.demo
 
 test: setup
-	$(PY) -m pytest -q -x --timeout=900 tests
+	$(PY) -m pytest -q --timeout=900 tests
 
 test-fast: setup
 	$(PY) -m pytest -q --timeout=300 -m "not slow" tests

@@ -12,11 +12,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import DecoderLayer, RMSNorm, Rotary
+from model.layers import DecoderLayer, RMSNorm, Rotary, run_stack
 from model.recycle import RecyclableModule
 from model.spec import LocalSpec
 
@@ -93,13 +92,7 @@ class RecycleGPT(nn.Module):
         x = self.embedding(input_ids)
         T = input_ids.shape[1]
         cos, sin = self.rotary(start_pos, T)
-        for idx, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, idx)
-        if cache is not None:
-            cache.advance(T)
+        x = run_stack(self.layers, x, cos, sin, cache, self.activation_checkpointing)
         return self.final_norm(x)
 
     def recycle_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -124,3 +125,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer_idx: int = 0):
         x = x + self.self_attention(self.input_norm(x), cos, sin, cache, layer_idx)
         return x + self.mlp(self.pre_mlp_norm(x))
+
+
+def run_stack(layers: nn.ModuleList, x, cos, sin, cache: KVCache | None, checkpointing: bool):
+    """Run a stack of decoder layers. With a cache, all layers write the new positions, then the cache
+    advances once; in training, activation checkpointing recomputes each layer in the backward pass."""
+    for idx, layer in enumerate(layers):
+        if checkpointing and layer.training and cache is None:
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, cache, idx)
+    if cache is not None:
+        cache.advance(x.shape[1])
+    return x

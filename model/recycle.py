@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import DecoderLayer, RMSNorm
+from model.layers import DecoderLayer, RMSNorm, run_stack
 
 
 class RecyclableModule(nn.Module):
@@ -37,11 +36,5 @@ class RecyclableModule(nn.Module):
         u = self.linear_in(torch.cat([self.hidden_norm(h), self.embed_norm(next_embeds)], dim=-1))
         # The module's state at position i stands for token i+1, hence rotary position i + 1.
         cos, sin = rotary(start_pos + 1, T)
-        for idx, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and cache is None:
-                u = checkpoint(layer, u, cos, sin, use_reentrant=False)
-            else:
-                u = layer(u, cos, sin, cache, idx)
-        if cache is not None:
-            cache.advance(T)
+        u = run_stack(self.layers, u, cos, sin, cache, self.activation_checkpointing)
         return self.final_norm(u)
