@@ -90,8 +90,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=cred_expire=10
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s, minimum 5).
+AuthInfo=cred_expire=5
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool
 SlurmctldPidFile=$BASE/slurmctld.pid
@@ -107,6 +107,8 @@ JobCompType=jobcomp/none
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# One node, a handful of jobs: look at pending (e.g. just requeued) jobs every second, not every 30/60 s.
+SchedulerParameters=bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Use the CPU count below even where the machine reports fewer (a 1-core CI box still runs 2 tasks).
