@@ -203,6 +203,22 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     assert json.loads(Path(str(killed) + ".stats.json").read_text())["shards_resumed"] >= 1
 
 
+def test_merge_refuses_missing_and_mixed_dtype_inputs(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", ["w1 w2"])
+    assert run(["--input", tmp_path / "a.jsonl", "--tokenizer", SOTU_BPE, "--output-prefix", tmp_path / "u16",
+                "--workers", "0"])[0] == 0
+    (tmp_path / "i32.bin").write_bytes(b"")  # an empty int32 dataset, written by megatron-core's builder
+    from data_prep.shards import indexed_dataset_builder
+    indexed_dataset_builder(str(tmp_path / "i32.bin"), numpy.int32).finalize(str(tmp_path / "i32.idx"))
+    capsys.readouterr()
+    assert run_main(merge.main, ["--inputs", str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "m")]) == 2
+    assert "dataset " in capsys.readouterr().err
+    assert run_main(merge.main, ["--inputs", str(tmp_path / "u16"), str(tmp_path / "i32"),
+                                 "--output-prefix", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different vocabularies" in err and not (tmp_path / "m.idx").exists()
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "empty_tok").mkdir()
     write_jsonl(tmp_path / "a.jsonl", ["x"])
