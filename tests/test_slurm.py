@@ -79,10 +79,10 @@ def test_dry_run_renders_one_task_per_gpu(tmp_path, fake_data, monkeypatch, caps
                  "--exclusive"):
         assert want in opts, (want, opts)
     # srun starts the trainer on the frozen, resolved config; srun needs --cpus-per-task itself (Slurm >= 22.05)
-    srun = re.search(r"^srun (.*?)&$", text.replace("\\\n", " "), re.M).group(1)
+    srun = " ".join(re.search(r"^srun (.*?)&$", text.replace("\\\n", " "), re.M).group(1).split())
     config = re.search(r"--config (\S+)", srun).group(1)
     assert "--kill-on-bad-exit=1" in srun and "--cpus-per-task=6" in srun
-    assert f"{sys.executable} -m pretrain.train --config {config}" in srun
+    assert f"""bash -c 'trap "" USR1; exec "$0" "$@"' {sys.executable} -m pretrain.train --config {config}""" in srun
     cfg = load_config(config)
     assert (cfg.parallel.zero_stage, cfg.train.steps, cfg.model.overrides["hidden_size"]) == (1, 7, 64)
     assert cfg.run.dir == str(run_dir)
