@@ -136,8 +136,10 @@ if running slurmctld && running slurmd && node_ready; then
   exit 0
 fi
 if ! running slurmctld; then
-  say "starting slurmctld (log $BASE/log/slurmctld.log)"
-  slurmctld || die "slurmctld did not start; see $BASE/log/slurmctld.log"
+  # -c: start with no jobs. This is a test cluster; a job left pending or requeued when the daemons were last
+  # killed (end of a session) must not come back and hold the node while the tests wait for theirs.
+  say "starting slurmctld with an empty queue (log $BASE/log/slurmctld.log)"
+  slurmctld -c || die "slurmctld did not start; see $BASE/log/slurmctld.log"
 fi
 if ! running slurmd; then
   say "starting slurmd (log $BASE/log/slurmd.log)"
