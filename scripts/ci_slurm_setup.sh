@@ -114,6 +114,8 @@ SelectTypeParameters=CR_CPU
 # Use the CPU count below even where the machine reports fewer (a 1-core CI box still runs 2 tasks).
 SlurmdParameters=config_overrides
 ReturnToService=2
+# Reject at submission a job that can never run here (e.g. --nodes 2), instead of leaving it pending.
+EnforcePartLimits=ALL
 SlurmdTimeout=60
 KillWait=10
 MinJobAge=900
