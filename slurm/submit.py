@@ -216,9 +216,9 @@ def prepare(args, argv: list[str]) -> tuple[Path, str]:
     run_dir = (workdir / cfg.run_dir).resolve()
     slurm_dir = run_dir / "slurm"
     for what, path in (("run.dir", run_dir), ("the working directory", workdir)):
-        if re.search(r"\s", str(path)):
-            raise SubmitError(f"{what} {str(path)!r} contains whitespace, which #SBATCH lines cannot carry; "
-                              "use a path without spaces")
+        if re.search(r"[\s%]", str(path)):
+            raise SubmitError(f"{what} {str(path)!r} contains whitespace or '%', which #SBATCH lines cannot carry "
+                              "(sbatch reads %j, %x, ... in --output); use a plain path")
     slurm_dir.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(slurm_dir)
     config_path = slurm_dir / f"{stem}.yaml"
@@ -226,7 +226,8 @@ def prepare(args, argv: list[str]) -> tuple[Path, str]:
                            + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if load_config(str(config_path)) != cfg:   # the frozen copy must mean the same run
         raise RuntimeError(f"{config_path} does not reload to the same config")
-    text = render(command="python -m slurm.submit " + shlex.join(argv), config_path=config_path,
+    command = " ".join(("python -m slurm.submit " + shlex.join(argv)).split())   # one comment line
+    text = render(command=command, config_path=config_path,
                   slurm_dir=slurm_dir, workdir=workdir, python=args.python, nodes=args.nodes,
                   tasks_per_node=tasks, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                   job_name=args.job_name or f"recyclegpt-{run_dir.name}", partition=args.partition,

@@ -133,6 +133,7 @@ def test_time_limits():
     (["--nodes", "1", "--gpus-per-node", "1", "--time", "soon"], [], "is not a Slurm time limit"),
     (["--nodes", "1", "--gpus-per-node", "1", "--time", "1"], [], "not shorter than --time=1"),
     (["--gpus-per-node", "1"], [], "the following arguments are required: --nodes"),
+    (["--nodes", "1", "--gpus-per-node", "1"], ["run.dir=/tmp/run %j"], "contains whitespace or '%'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, fake_data, monkeypatch, capsys, extra, overrides, message):
     run_dir = tmp_path / "run"
