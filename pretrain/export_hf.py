@@ -1,0 +1,149 @@
+"""python -m pretrain.export_hf --checkpoint RUN_DIR --output HF_DIR [--tag step_N] [--dtype fp32|bf16] [--force]
+
+Consolidates one checkpoint tag (default: `latest`) on one process and writes a Hugging Face folder:
+
+    model.safetensors            the base as LlamaForCausalLM weights (vanilla transformers loads it)
+    recycle_module.safetensors   the recyclable module (keys recycle.*)
+    config.json                  LlamaConfig + recycle_layers + auto_map -> RecycleGPTForCausalLM
+    generation_config.json, tokenizer files, modeling_recyclegpt.py (remote code)
+
+Everything is written to a temporary folder next to HF_DIR and renamed at the end, so HF_DIR is never
+half-written. Errors are one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote"
+MODULE_FILE = "recycle_module.safetensors"
+DTYPES = ("fp32", "bf16")
+
+
+class ExportError(Exception):
+    """Bad input to the exporter; the message is shown as one line."""
+
+
+def hf_config(cfg, dtype: str, tokenizer=None) -> dict:
+    from transformers import LlamaConfig
+
+    from pretrain.hf_convert import llama_config_kwargs
+
+    extra = {}
+    if tokenizer is not None:
+        extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                 if getattr(tokenizer, k, None) is not None}
+    conf = LlamaConfig(**llama_config_kwargs(cfg), **extra).to_dict()
+    conf.update(architectures=["LlamaForCausalLM"], model_type="llama",
+                dtype="bfloat16" if dtype == "bf16" else "float32",
+                auto_map={"AutoModelForCausalLM": "modeling_recyclegpt.RecycleGPTForCausalLM"},
+                recycle_layers=cfg.recycle_layers, recycle_module_file=MODULE_FILE if cfg.recycle_layers else None)
+    conf.pop("torch_dtype", None)
+    return conf
+
+
+def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | None):
+    """Write an HF folder for our one-device state dict `state` into `tmp` (an empty directory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pretrain.hf_convert import to_hf
+
+    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base, module = to_hf(cfg, state)
+    save_file({k: v.to(cast).contiguous() for k, v in base.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    if module:
+        save_file({k: v.to(cast).contiguous() for k, v in module.items()}, str(tmp / MODULE_FILE),
+                  metadata={"format": "pt"})
+    tokenizer = None
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2, sort_keys=True))
+    gen = {"do_sample": False, "max_length": cfg.max_seq_len}
+    if tokenizer is not None:
+        gen.update({k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if getattr(tokenizer, k, None) is not None})
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+    shutil.copy2(REMOTE_CODE / "modeling_recyclegpt.py", tmp / "modeling_recyclegpt.py")
+
+
+def replace_dir(tmp: Path, output: Path):
+    """Move `tmp` to `output`; an existing output (only with --force) is moved aside first, then deleted."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(output: Path, force: bool):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ExportError(f"output {output} exists and is not empty; pass --force to replace it")
+
+
+def export(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp32", force: bool = False) -> Path:
+    from model.config import ModelConfig  # noqa: F401  (import check before any work)
+    from pretrain.checkpoint import checkpoint_dir, latest_tag
+    from pretrain.config import ConfigError, load_config
+    from pretrain.consolidate import consolidated_state_dict
+
+    run_dir, output = Path(run_dir), Path(output)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not valid; valid: {', '.join(DTYPES)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a training run")
+    ckpt = checkpoint_dir(run_dir)
+    tag = tag or latest_tag(ckpt)
+    if tag is None:
+        raise ExportError(f"{run_dir} has no checkpoint (checkpoints/latest); train first or pass --tag step_N")
+    if not (ckpt / tag).is_dir():
+        have = sorted(p.name for p in ckpt.glob("step_*")) if ckpt.is_dir() else []
+        raise ExportError(f"checkpoint tag {tag} not found in {ckpt}; available: {', '.join(have) or 'none'}")
+    check_output(output, force)
+    try:
+        cfg = load_config(str(run_dir / "config.yaml")).model.build()
+    except (ConfigError, ValueError) as err:
+        raise ExportError(f"{run_dir}/config.yaml: {err}") from None
+    state = consolidated_state_dict(ckpt / tag, cfg)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_hf_dir(tmp, cfg, state, dtype, run_dir / "tokenizer")
+        replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.export_hf", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR of a training run")
+    p.add_argument("--output", required=True, help="HF_DIR to write")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: latest)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--force", action="store_true", help="replace a non-empty HF_DIR")
+    args = p.parse_args(argv)
+    try:
+        out = export(Path(args.checkpoint), Path(args.output), args.tag, args.dtype, args.force)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

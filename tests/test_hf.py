@@ -1,0 +1,147 @@
+"""HF export / import: vanilla transformers loads the base, the remote code decodes like ours, round trips."""
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from test_pretrain import SMALL, cli  # noqa: E402
+
+MODES = ("standard", "recycle", "verify")
+
+
+@pytest.fixture(scope="module")
+def small_prefix(tmp_path_factory):
+    """A slice of the bundled corpus, many documents (the split needs some in every part), tokenized."""
+    import io
+
+    import zstandard
+    out = tmp_path_factory.mktemp("hfdata")
+    docs, size = [], 0
+    with open(ROOT / "assets/corpus/sotu.jsonl.zst", "rb") as f:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+            for para in json.loads(line)["text"].split("\n"):
+                if para.strip():
+                    docs.append(para)
+                    size += len(para)
+            if size > 150_000:
+                break
+    (out / "small.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cli("-m", "data_prep.tokenize", "--input", str(out / "small.jsonl"), "--tokenizer",
+        "assets/tokenizers/sotu-bpe-8k", "--output-prefix", str(out / "sotu"), "--workers", "1")
+    return str(out / "sotu")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, small_prefix):
+    from pretrain.export_hf import main as export_main
+
+    base = tmp_path_factory.mktemp("hf")
+    run = base / "run"
+    cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{small_prefix}]",
+        f"run.dir={run}", "train.steps=2", "log.plot=false", "log.tensorboard=false")
+    assert export_main(["--checkpoint", str(run), "--output", str(base / "hf")]) == 0
+    return run, base / "hf"
+
+
+def ours(run):
+    from pretrain.checkpoint import load_for_inference
+    return load_for_inference(run)
+
+
+def test_layout_and_vanilla_llama_loads_with_equal_logits(exported):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    run, hf = exported
+    names = {p.name for p in hf.iterdir()}
+    assert {"model.safetensors", "recycle_module.safetensors", "config.json", "generation_config.json",
+            "tokenizer.json", "modeling_recyclegpt.py"} <= names
+    conf = json.loads((hf / "config.json").read_text())
+    assert conf["model_type"] == "llama" and conf["recycle_layers"] == 1
+    assert conf["auto_map"]["AutoModelForCausalLM"] == "modeling_recyclegpt.RecycleGPTForCausalLM"
+    model, tok = ours(run)
+    llama, info = LlamaForCausalLM.from_pretrained(hf, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    auto = AutoModelForCausalLM.from_pretrained(hf)      # no custom code unless asked for
+    assert type(auto) is LlamaForCausalLM
+    ids = torch.tensor([tok.encode("The Congress of the United States shall")])
+    with torch.no_grad():
+        expected = model.logits(model.hidden(ids))
+        got = llama(ids).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_remote_code_decodes_like_ours_in_every_mode(exported):
+    from transformers import AutoModelForCausalLM
+
+    from inference.decoding import greedy_generate
+
+    run, hf = exported
+    model, tok = ours(run)
+    remote = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True)
+    assert type(remote).__name__ == "RecycleGPTForCausalLM" and remote.recycle is not None
+    prompt = tok.encode("We hold these truths")
+    for mode in MODES:
+        want = greedy_generate(model, prompt, mode, 12).tokens
+        got = remote.recycle_generate(torch.tensor([prompt]), mode=mode, max_new_tokens=12)
+        assert got[0, len(prompt):].tolist() == want, mode
+    # The module's own predictions matter: recycle differs from standard on an untrained model.
+    assert greedy_generate(model, prompt, "recycle", 12).tokens != greedy_generate(model, prompt, "standard", 12).tokens
+
+
+def test_generate_cli_and_import_export_round_trip(exported, tmp_path):
+    from safetensors.torch import load_file
+
+    from pretrain.export_hf import main as export_main
+    from pretrain.import_hf import main as import_main
+
+    run, hf = exported
+    proc = cli("-m", "inference.generate", "--model", str(hf), "--prompt", "The Congress", "--mode", "verify",
+               "--max-new-tokens", "5")
+    assert proc.stdout.startswith("The Congress") and "[verify] 5 tokens" in proc.stderr
+    assert import_main(["--hf", str(hf), "--output", str(tmp_path / "run2")]) == 0
+    from inference.loading import load_model_dir
+    model2, tok2 = load_model_dir(tmp_path / "run2", torch.float32, "cpu")   # imported, not trained yet
+    model, _ = ours(run)
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    # export the imported weights again through the same writer: identical files
+    from pretrain.config import load_config
+    from pretrain.export_hf import write_hf_dir
+    cfg = load_config(str(tmp_path / "run2" / "config.yaml")).model.build()
+    (tmp_path / "hf2").mkdir()
+    write_hf_dir(tmp_path / "hf2", cfg, load_file(str(tmp_path / "run2/init/model.safetensors")), "fp32",
+                 tmp_path / "run2" / "tokenizer")
+    for name in ("model.safetensors", "recycle_module.safetensors"):
+        a, b = load_file(str(hf / name)), load_file(str(tmp_path / "hf2" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((hf / "config.json").read_text()) == json.loads((tmp_path / "hf2/config.json").read_text())
+    # one-line errors
+    assert export_main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert export_main(["--checkpoint", str(tmp_path / "run2"), "--output", str(tmp_path / "x")]) == 2  # no ckpt
+    assert export_main(["--checkpoint", str(run), "--output", str(hf)]) == 2                          # not empty
+
+
+def test_plain_llama_import_gets_a_fresh_module(exported, tmp_path, capsys):
+    import shutil
+
+    from pretrain.import_hf import main as import_main
+
+    _, hf = exported
+    plain = tmp_path / "plain"
+    shutil.copytree(hf, plain)
+    (plain / "recycle_module.safetensors").unlink()
+    conf = json.loads((plain / "config.json").read_text())
+    for k in ("recycle_layers", "recycle_module_file", "auto_map"):
+        conf.pop(k)
+    (plain / "config.json").write_text(json.dumps(conf))
+    assert import_main(["--hf", str(plain), "--output", str(tmp_path / "run")]) == 0
+    assert "recycle.detach_base=true" in capsys.readouterr().out
+    from inference.loading import load_model_dir
+    model, _ = load_model_dir(tmp_path / "run", torch.float32, "cpu")
+    assert model.recycle is not None and model.cfg.recycle_layers == 1
