@@ -103,8 +103,8 @@ def check_args(args) -> int:
                           f"process per GPU; drop --tasks-per-node or set it to {args.gpus_per_node}")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise SubmitError(f"--cpus-per-task={args.cpus_per_task} must be >= 1")
-    if args.signal_seconds < 1:
-        raise SubmitError(f"--signal-seconds={args.signal_seconds} must be >= 1")
+    if not 1 <= args.signal_seconds <= 65535:   # Slurm's limit for --signal=SIG@TIME
+        raise SubmitError(f"--signal-seconds={args.signal_seconds} must be between 1 and 65535")
     if args.time:
         limit = time_limit_seconds(args.time)
         if limit is not None and args.signal_seconds >= limit:
