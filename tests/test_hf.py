@@ -90,6 +90,14 @@ def test_remote_code_decodes_like_ours_in_every_mode(exported):
         want = greedy_generate(model, prompt, mode, 12).tokens
         got = remote.recycle_generate(torch.tensor([prompt]), mode=mode, max_new_tokens=12)
         assert got[0, len(prompt):].tolist() == want, mode
+    # The module's math itself, not only argmaxes of a barely trained model: g equals ours.
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        h = model.hidden(ids)
+        nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+        want_g = model.recycle_hidden(h, nxt)
+        got_g = remote.recycle(h, remote.model.embed_tokens(nxt))
+    assert torch.allclose(got_g, want_g, atol=1e-5, rtol=0), (got_g - want_g).abs().max()
     # The module's own predictions matter: recycle differs from standard on an untrained model.
     assert greedy_generate(model, prompt, "recycle", 12).tokens != greedy_generate(model, prompt, "standard", 12).tokens
 
