@@ -89,6 +89,17 @@ def _record_fp32_grad_norm(engine):
     engine.clip_fp32_gradients = clip_and_record
 
 
+def imported_weights(cfg: RunConfig) -> dict | None:
+    """A run made by pretrain.import_hf starts from RUN_DIR/init/model.safetensors until it has a checkpoint."""
+    from pretrain.checkpoint import checkpoint_dir, latest_tag
+
+    init = cfg.run_dir / "init" / "model.safetensors"
+    if not init.is_file() or latest_tag(checkpoint_dir(cfg.run_dir)) is not None:
+        return None
+    from safetensors.torch import load_file
+    return load_file(str(init))
+
+
 def build_runtime(cfg: RunConfig) -> Runtime:
     from parallel.engine import build_engine
     from parallel.setup import init_distributed, seed_everything
@@ -101,7 +112,8 @@ def build_runtime(cfg: RunConfig) -> Runtime:
         model_cfg, dims, ds_config(cfg, dims), cfg.seed, recycle_weight=cfg.recycle.weight,
         detach_base=cfg.recycle.detach_base, activation_checkpointing=cfg.train.activation_checkpointing,
         optimizer_factory=lambda module: make_optimizer(module, cfg.train),
-        scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train))
+        scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train),
+        init_state=imported_weights(cfg))
     if not engine.zero_optimization() and not engine.bfloat16_enabled():
         _record_fp32_grad_norm(engine)
     return Runtime(engine, ctx, cfg)

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from pretrain.trainer import StopRequested, Trainer, TrainingAborted
+    StopRequested.install()   # before the slow start-up, so an early SLURM warning is honoured at step 1
     from pretrain.runtime import build_runtime
-    from pretrain.trainer import Trainer, TrainingAborted
 
     runtime = build_runtime(cfg)
     setup_logging(runtime.rank)

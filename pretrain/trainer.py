@@ -26,10 +26,19 @@ class TrainingAborted(RuntimeError):
 class StopRequested:
     """SIGTERM/SIGUSR1 (SLURM pre-emption, scancel --signal) set a flag; the loop saves at the next step."""
 
+    _installed = None
+
     def __init__(self):
         self.signal = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+
+    @classmethod
+    def install(cls) -> "StopRequested":
+        """Install once per process, as early as possible: a warning during start-up is kept, not lost."""
+        if cls._installed is None:
+            cls._installed = cls()
+        return cls._installed
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -106,7 +115,7 @@ class Trainer:
         self.prepare_run_dir()
         self.resume()
         metrics = MetricsLogger(self.run_dir, self.rt.is_logging_rank, self.cfg.log.tensorboard, self.step)
-        stop = StopRequested()
+        stop = StopRequested.install()
         batches = Batches(self.train_set, self.consumed, t.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
         bad_in_a_row, last_saved = 0, self.step
         start_step, t0 = self.step, time.perf_counter()

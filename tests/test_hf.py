@@ -153,3 +153,25 @@ def test_plain_llama_import_gets_a_fresh_module(exported, tmp_path, capsys):
     from inference.loading import load_model_dir
     model, _ = load_model_dir(tmp_path / "run", torch.float32, "cpu")
     assert model.recycle is not None and model.cfg.recycle_layers == 1
+
+
+def test_training_continues_from_an_imported_run(exported, tmp_path, small_prefix):
+    """pretrain.train on an imported RUN_DIR starts from RUN_DIR/init, not from random weights."""
+    from pretrain.config import load_config
+    from pretrain.data import Batches, build_run_datasets
+    from pretrain.import_hf import main as import_main
+
+    run, hf = exported
+    run2 = tmp_path / "run2"
+    assert import_main(["--hf", str(hf), "--output", str(run2)]) == 0
+    overrides = [f"data.prefixes=[{small_prefix}]", "data.tokenizer=assets/tokenizers/sotu-bpe-8k",
+                 "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2", "train.seq_length=64",
+                 "log.plot=false", "log.tensorboard=false", f"run.dir={run2}"]
+    cli("-m", "pretrain.train", "--config", str(run2 / "config.yaml"), *overrides)
+    first = json.loads((run2 / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = load_config(str(run2 / "config.yaml"))
+    batch = Batches(build_run_datasets(cfg, 1)[0], 0, 2, 0, 1).next()
+    model, _ = ours(run)   # the weights that were exported, then imported
+    with torch.no_grad():
+        expected = model(batch["tokens"], batch["labels"], batch["loss_mask"]).loss.item()
+    assert first["step"] == 1 and abs(first["loss"] - expected) < 1e-5 * expected
