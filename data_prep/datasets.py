@@ -104,6 +104,26 @@ def check_prefix(prefix: str, tokenizer: Optional[MegatronHFTokenizer] = None):
                              f"(set data.tokenizer to that one, or re-tokenize)")
 
 
+def _document_count(prefix: str) -> int:
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(34)   # magic 9, version 8, dtype 1, sequence count 8, document count 8 (+1 sentinel)
+    return struct.unpack("<Q", header[26:34])[0] - 1
+
+
+def _check_splits_have_documents(prefixes, split_matrix, split: str):
+    """An empty split would make megatron-core loop forever looking for samples; say so in one line instead."""
+    names = ("train", "valid", "test")
+    for prefix in prefixes:
+        docs = _document_count(prefix)
+        for name, bounds in zip(names, split_matrix):
+            if bounds is None:
+                continue
+            begin, end = (int(round(b * float(docs))) for b in bounds)
+            if end <= begin:
+                raise ValueError(f"data.split={split} leaves the {name} split of {prefix} with none of its {docs} "
+                                 f"documents; tokenize more documents, change data.split, or set data.valid_prefixes")
+
+
 @contextlib.contextmanager
 def _rank_zero_without_process_group():
     """megatron-core 0.16's BlendedDataset calls torch.distributed.get_rank() on an index-cache miss without
@@ -158,6 +178,8 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int, num_samples,
         config.blend_per_split = [b if w else None for b, w in zip(config.blend_per_split, wanted)]
     else:
         config.split_matrix = [m if w else None for m, w in zip(config.split_matrix, wanted)]
+    if not valid_blend:
+        _check_splits_have_documents(train_blend[0], config.split_matrix, cfg.split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
     with _rank_zero_without_process_group():
         datasets = builder.build()

@@ -136,3 +136,17 @@ def test_two_rank_process_group_matches_single_process(data, tmp_path):
     train, valid, _ = build_datasets(single, SEQ, seed=11, num_samples=(64, 8, 0))
     expected = (first_samples(train).tolist(), first_samples(valid, 4).tolist())
     assert results[0] == expected and results[1] == expected
+
+
+def test_a_split_without_documents_is_one_clear_error(tmp_path):
+    src = tmp_path / "five.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_slice("sotu", 5)))
+    assert tokenize.main(["--input", str(src), "--tokenizer", TOK, "--output-prefix", str(tmp_path / "five"),
+                          "--workers", "0", "--log-interval", "1000"]) == 0
+    cfg = DataConfig(prefixes=[str(tmp_path / "five")], split="95,5,0", tokenizer=TOK)
+    with pytest.raises(ValueError, match=r"data.split=95,5,0 leaves the valid split of .*five with none of its 5"):
+        build_datasets(cfg, SEQ, 1, (8, 8, 0))
+    # 60/40 gives both splits documents and builds.
+    cfg.split = "60,40,0"
+    train, valid, _ = build_datasets(cfg, SEQ, 1, (8, 8, 0))
+    assert len(train) >= 8 and len(valid) >= 8
