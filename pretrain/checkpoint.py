@@ -79,14 +79,31 @@ def prune(ckpt_dir: Path, keep_last: int):
             shutil.rmtree(path, ignore_errors=True)
 
 
+def layout_meta(engine) -> dict:
+    """The layout a checkpoint is written under, for recyclegpt.json ("layout")."""
+    from pretrain.relayout import current_layout
+    return current_layout(engine).to_dict()
+
+
 def load(engine, ckpt_dir: Path) -> dict | None:
-    """Resume from `latest` if there is one; returns the client state (step, consumed_samples) or None."""
+    """Resume from `latest` if there is one; returns the client state (step, consumed_samples) or None.
+
+    Same layout (tp, pp, dp, ZeRO stage) as the run that saved it: DeepSpeed's load_checkpoint, exact.
+    Another layout: pretrain.relayout reshards weights and Adam moments into this engine and restores the
+    LR schedule and counters (DeepSpeed refuses ZeRO partitions under another dp, and TP/PP files differ)."""
+    from pretrain.relayout import current_layout, load_resharded, saved_layout
+
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"could not load checkpoint {ckpt_dir}/{tag}; move the run directory aside to start fresh")
+    saved, now = saved_layout(Path(ckpt_dir) / tag), current_layout(engine)
+    if saved != now:
+        client = load_resharded(engine, Path(ckpt_dir) / tag, saved, now)
+    else:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {ckpt_dir}/{tag}; move the run directory aside to start "
+                               "fresh")
     restore_rng_state(client.get("rng"))
     return client
 

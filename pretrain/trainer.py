@@ -104,7 +104,8 @@ class Trainer:
         return row
 
     def save(self):
-        meta = {"model": self.cfg.model.build().to_dict(), "run_dir": str(self.run_dir)}
+        meta = {"model": self.cfg.model.build().to_dict(), "run_dir": str(self.run_dir),
+                "layout": checkpoint.layout_meta(self.engine)}
         checkpoint.save(self.engine, self.run_dir, self.step, self.consumed, meta, self.cfg.checkpoint.keep_last)
         log.info("saved checkpoint step_%d", self.step)
 
