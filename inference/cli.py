@@ -10,18 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.cli import OneLineArgumentParser, UsageError  # noqa: F401  (re-exported)
 from model.config import PRESETS
-
-
-class UsageError(Exception):
-    """Bad command-line input; the message is shown to the user as is."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints a usage block before its error; we want one line (and exit 2)."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def run_main(main, argv=None) -> int:
