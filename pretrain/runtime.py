@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from model.gpt import LossOutput
-from parallel.deepspeed_config import deepspeed_config, use_bf16
+from parallel.deepspeed_config import deepspeed_config
 from parallel.dims import ParallelDims
 from pretrain.config import RunConfig
 from pretrain.flops import throughput_row
@@ -118,5 +117,3 @@ def build_runtime(cfg: RunConfig) -> Runtime:
         _record_fp32_grad_norm(engine)
     return Runtime(engine, ctx, cfg)
 
-
-__all__ = ["Runtime", "build_runtime", "validate_parallel", "use_bf16"]

@@ -6,7 +6,6 @@ import math
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
