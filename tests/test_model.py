@@ -77,6 +77,28 @@ def test_kv_cache_rollback_then_rewrite():
     torch.testing.assert_close(h, h_full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
+def test_draft_step_chains_the_module_on_its_own_states():
+    # Verified positions 0..5 from true h, then a chain of three draft steps from the module's own
+    # states. Cache-free reference: one module pass whose inputs at positions 6.. are the previous g.
+    model = make_model()
+    ids = tokens(length=10)
+    with torch.no_grad():
+        base_cache, module_cache = model.new_caches(batch=2, max_len=12)
+        h = model.base_step(ids[:, :6], base_cache)
+        g = model.module_step(h, ids[:, 1:7], module_cache)
+        states, chain = [h], []
+        for i in range(6, 9):
+            g = model.draft_step(g[:, -1:], ids[:, i + 1:i + 2], module_cache)
+            chain.append(g)
+        inputs = torch.cat([h, torch.zeros_like(h[:, :3])], dim=1)
+        for _ in range(3):      # fixed point: each pass makes one more chain input correct
+            ref = model.recycle_hidden(inputs, ids[:, 1:10])
+            inputs = torch.cat([h, ref[:, 5:8]], dim=1)
+        ref = model.draft_step(inputs, ids[:, 1:10])
+    assert module_cache.length == 9
+    torch.testing.assert_close(torch.cat(chain, 1), ref[:, 6:9], atol=1e-5, rtol=1e-5)
+
+
 def reference_recycle_loss(model, ids, input_shift=1, target_shift=2):
     """Position by position, from prefixes only: h_i from x_0..x_i, module on (h_j, x_{j+shift})."""
     T = ids.shape[1]
