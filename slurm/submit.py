@@ -113,10 +113,35 @@ def check_args(args) -> int:
     for kv in args.env:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", kv):
             raise SubmitError(f"--env {kv!r} is not KEY=VALUE")
+    # An #SBATCH line ends at a newline: a control character in a value would end the directive block early
+    # and sbatch would silently ignore every later directive (--chdir, --output, --signal, --requeue).
+    named = [("--partition", args.partition), ("--account", args.account), ("--job-name", args.job_name),
+             ("--time", args.time), ("--python", args.python)] + [("--sbatch-option", o) for o in args.sbatch_option]
+    for flag, value in named:
+        if value is not None and _CONTROL.search(value):
+            raise SubmitError(f"{flag} {value!r} contains a control character (newline, tab, ...); "
+                              "pass a single-line value")
+        if value is not None and flag in ("--partition", "--account", "--job-name", "--time") and not value.strip():
+            raise SubmitError(f"{flag} is empty; drop it or give a value")
+        if value is not None and flag in ("--partition", "--account", "--job-name", "--time") \
+                and re.search(r"\s", value):
+            raise SubmitError(f"{flag} {value!r} contains whitespace, which an #SBATCH line cannot carry")
     for opt in args.sbatch_option:
         if not opt.startswith("-"):
             raise SubmitError(f"--sbatch-option {opt!r} must be an sbatch option such as --exclusive or --qos=high")
     return tasks
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_path(what: str, path: str):
+    """A path that goes into #SBATCH lines (--chdir, --output) as well as the shell: sbatch reads %j, %x, ... in
+    --output and strips quotes and backslashes from directive values, and a line break ends the directive."""
+    if re.search(r"[\s%\"'\\]", path) or _CONTROL.search(path):
+        raise SubmitError(f"{what} {path!r} contains whitespace, '%', a quote, a backslash or a control character, "
+                          "which #SBATCH lines cannot carry (sbatch reads %j, %x, ... in --output and strips "
+                          "quotes); use a plain path")
 
 
 @contextlib.contextmanager
@@ -177,7 +202,7 @@ def render(*, command: str, config_path: Path, slurm_dir: Path, workdir: Path, p
         "command": command,
         "config": shlex.quote(str(config_path)),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts),
-        "slurm_dir": str(slurm_dir),
+        "slurm_dir": shlex.quote(str(slurm_dir)),   # '$(...)' or backticks in a path must stay text
         "requeue": "1" if requeue else "0",
         "tasks_per_node": str(tasks_per_node),
         "env_exports": "\n".join(f"export {kv.split('=', 1)[0]}={shlex.quote(kv.split('=', 1)[1])}" for kv in env),
@@ -203,10 +228,8 @@ def _unique_stem(slurm_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
-def prepare(args, argv: list[str]) -> tuple[Path, str]:
-    """Validate, then write RUN_DIR/slurm/<stem>.yaml (frozen config) and <stem>.sbatch; returns (path, text)."""
-    from pretrain.config import load_config
-
+def validate(args) -> dict:
+    """Every check, nothing written: the resolved config and the values the script is rendered from."""
     tasks = check_args(args)
     world = args.nodes * tasks
     layout = (f"world size {world} = {args.nodes} node(s) x {tasks} "
@@ -214,29 +237,42 @@ def prepare(args, argv: list[str]) -> tuple[Path, str]:
     cfg = load_and_check(args.config, args.overrides, world, layout)
     workdir = Path.cwd()
     run_dir = (workdir / cfg.run_dir).resolve()
-    slurm_dir = run_dir / "slurm"
     for what, path in (("run.dir", run_dir), ("the working directory", workdir)):
-        if re.search(r"[\s%]", str(path)):
-            raise SubmitError(f"{what} {str(path)!r} contains whitespace or '%', which #SBATCH lines cannot carry "
-                              "(sbatch reads %j, %x, ... in --output); use a plain path")
+        check_path(what, str(path))
+    job_name = args.job_name or f"recyclegpt-{run_dir.name}"
+    return dict(args=args, cfg=cfg, run_dir=run_dir, workdir=workdir, tasks=tasks, job_name=job_name)
+
+
+def write(plan: dict, argv: list[str]) -> tuple[Path, str]:
+    """Write RUN_DIR/slurm/<stem>.yaml (frozen config) and <stem>.sbatch from validate()'s plan."""
+    from pretrain.config import load_config
+
+    args, cfg = plan["args"], plan["cfg"]
+    slurm_dir = plan["run_dir"] / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(slurm_dir)
     config_path = slurm_dir / f"{stem}.yaml"
-    config_path.write_text("# resolved by python -m slurm.submit; the job trains with exactly this\n"
-                           + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_atomic(config_path, "# resolved by python -m slurm.submit; the job trains with exactly this\n"
+                  + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if load_config(str(config_path)) != cfg:   # the frozen copy must mean the same run
         raise RuntimeError(f"{config_path} does not reload to the same config")
     command = " ".join(("python -m slurm.submit " + shlex.join(argv)).split())   # one comment line
     text = render(command=command, config_path=config_path,
-                  slurm_dir=slurm_dir, workdir=workdir, python=args.python, nodes=args.nodes,
-                  tasks_per_node=tasks, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                  job_name=args.job_name or f"recyclegpt-{run_dir.name}", partition=args.partition,
+                  slurm_dir=slurm_dir, workdir=plan["workdir"], python=args.python, nodes=args.nodes,
+                  tasks_per_node=plan["tasks"], gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                  job_name=plan["job_name"], partition=args.partition,
                   account=args.account, time_limit=args.time, signal_seconds=args.signal_seconds,
                   requeue=args.requeue, env=args.env, sbatch_options=args.sbatch_option)
     script = slurm_dir / f"{stem}.sbatch"
-    script.write_text(text)
-    script.chmod(0o755)
+    _write_atomic(script, text, mode=0o755)
     return script, text
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
 
 
 def submit(script: Path) -> str:
@@ -252,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        plan = validate(args)   # every input error first: it is the user's to fix, wherever they run this
         if not args.dry_run and shutil.which("sbatch") is None:
             raise SubmitError("sbatch is not on PATH: run this on a Slurm login node, or add --dry-run to only "
                               "write and print the job script")
-        script, text = prepare(args, argv)
+        script, text = write(plan, argv)
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

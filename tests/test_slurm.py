@@ -48,8 +48,8 @@ def run_submit(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-def dry_run(tmp_path, fake_data, monkeypatch, capsys, *extra, nodes=2, gpus=4, overrides=()):
-    run_dir = tmp_path / "run"
+def dry_run(tmp_path, fake_data, monkeypatch, capsys, *extra, nodes=2, gpus=4, overrides=(), run_name="run"):
+    run_dir = tmp_path / run_name
     tasks = int(extra[extra.index("--tasks-per-node") + 1]) if "--tasks-per-node" in extra else gpus or 1
     args = ["--config", "configs/tiny.yaml", "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--dry-run",
             *extra, *TINY, f"train.global_batch_size={2 * nodes * tasks}", f"data.prefixes=[{fake_data}]",
@@ -133,9 +133,21 @@ def test_time_limits():
     (["--nodes", "1", "--gpus-per-node", "1", "--time", "soon"], [], "is not a Slurm time limit"),
     (["--nodes", "1", "--gpus-per-node", "1", "--time", "1"], [], "not shorter than --time=1"),
     (["--gpus-per-node", "1"], [], "the following arguments are required: --nodes"),
-    (["--nodes", "1", "--gpus-per-node", "1"], ["run.dir=/tmp/run %j"], "contains whitespace or '%'"),
+    (["--nodes", "1", "--gpus-per-node", "1"], ["run.dir=/tmp/run %j"], "contains whitespace, '%'"),
+    (["--nodes", "1", "--gpus-per-node", "1"], ['run.dir=/tmp/a"b'], "a quote"),
+    (["--nodes", "1", "--gpus-per-node", "1"], ["run.dir=/tmp/a\\b"], "a backslash"),
+    # a line break would end the #SBATCH block: the directives after it would be silently ignored
+    (["--nodes", "1", "--gpus-per-node", "1", "--partition", "gpu\n#SBATCH --chdir=/"], [], "--partition"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--account", "a\nrm -rf ~"], [], "--account 'a\\nrm"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--job-name", "x\ry"], [], "--job-name"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--time", "10\n"], [], "--time"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--sbatch-option", "--exclusive\necho hi"], [], "--sbatch-option"),
+    (["--nodes", "1", "--gpus-per-node", "1", "--job-name", "two words"], [], "contains whitespace"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, fake_data, monkeypatch, capsys, extra, overrides, message):
+    """Each input error is its own line, also on a machine without Slurm (no sbatch on PATH): the checks come
+    before sbatch is looked for."""
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
     run_dir = tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", *extra, *TINY, f"data.prefixes=[{fake_data}]", f"run.dir={run_dir}",
             *overrides]
@@ -143,6 +155,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, fake_data, monkeypatch, caps
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not run_dir.exists()   # nothing written, nothing submitted
+
+
+@pytest.mark.parametrize("name", ["$(>PWNED)", "`>PWNED`", "a;>PWNED", "it's", "$HOME&x|y<z>"])
+def test_hostile_run_dir_stays_text(tmp_path, fake_data, monkeypatch, capsys, name):
+    """A run directory with shell syntax in it: the script parses (bash -n), and the job's LOG line evaluates to
+    the literal path without running anything."""
+    if "'" in name:   # quotes cannot reach #SBATCH lines: refused with one line
+        rc, out, err = run_submit(["--config", "configs/tiny.yaml", "--nodes", "1", "--gpus-per-node", "0",
+                                   "--dry-run", *TINY, f"data.prefixes=[{fake_data}]", f"run.dir={tmp_path / name}"],
+                                  monkeypatch, capsys)
+        assert rc == 2 and "a quote" in err and len(err.splitlines()) == 1
+        return
+    script, text, _ = dry_run(tmp_path, fake_data, monkeypatch, capsys, nodes=1, gpus=0, run_name=name)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    log_line = next(line for line in text.splitlines() if line.startswith("LOG="))
+    out = subprocess.run(["bash", "-c", f'SLURM_JOB_ID=7\n{log_line}\nprintf %s "$LOG"'], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == f"{tmp_path / name}/slurm/job_7.out", out
+    assert not list(tmp_path.rglob("PWNED"))
+    assert f"--output={tmp_path / name}/slurm/job_%j.out" in sbatch_options(text)
 
 
 def test_bad_input_from_the_command_line(tmp_path):
