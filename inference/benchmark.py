@@ -87,17 +87,13 @@ class StepCosts:
         self.sample(2, keep=False)           # warmup
 
     def _full(self, m: int):
-        from inference.decoding import _greedy
-
         c = self.context_len
-        _greedy(self.model, self.model.base_step(self.ids[:, c:c + m], self.base)[:, -1:])
+        self.model.logits(self.model.base_step(self.ids[:, c:c + m], self.base)[0, -1:]).argmax(-1).tolist()
         self.base.rollback(m)
 
     def _module(self):
-        from inference.decoding import _greedy
-
         c = self.context_len
-        _greedy(self.model, self.model.module_step(self.h2, self.ids[:, c + 1:c + 3], self.module)[:, -1:])
+        self.model.logits(self.model.module_step(self.h2, self.ids[:, c + 1:c + 3], self.module)[0, -1:]).argmax(-1).tolist()
         self.module.rollback(2)
 
     def sample(self, rounds: int, keep: bool = True):

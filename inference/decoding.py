@@ -1,4 +1,4 @@
-"""Greedy decoding with KV caches in three modes (DESIGN.md §2): standard, recycle, verify.
+"""Decoding with KV caches in three modes (DESIGN.md §2): standard, recycle, verify; batch 1 or more.
 
 Indices, for a prompt x_0 .. x_{n-1} (positions 0 .. n-1):
 
@@ -7,216 +7,176 @@ Indices, for a prompt x_0 .. x_{n-1} (positions 0 .. n-1):
 - Prefill: one full forward over the prompt; h_{n-1} gives x_n. `recycle`/`verify` then run the module
   over every prompt position i with next token x_{i+1} (x_n at the last one), which fills the module's
   cache; g_{n-1} gives a guess for x_{n+1}.
-- One cycle, with `last` = the newest token the base cache has not seen (x_n) and `guess` (x_{n+1}):
-  the full model runs on [last, guess] at positions n, n+1. h_n is the full model's own prediction for
-  x_{n+1}; h_{n+1} predicts x_{n+2}. The module runs on positions n, n+1 with next tokens x_{n+1},
-  x_{n+2}; g_{n+1} guesses x_{n+3}. Now last = x_{n+2}, guess = x_{n+3}: two tokens per full forward.
-- `recycle` never looks at h_n's prediction (lossy). `verify` compares it with the guess; on a mismatch
-  it emits h_n's token instead, rolls the base cache back by one slot (the slot that held the wrong
-  guess, so h_{n+1} is discarded too) and runs the module on position n alone, with the corrected next
-  token. The module's slot for the rejected position is therefore never written, so nothing in its cache
-  needs rolling back. Every emitted token is then the full model's greedy choice given a correct prefix,
-  so the output equals `standard`'s (up to floating-point ties: a 2-token forward may round differently
-  from a 1-token one).
+- `recycle` (lossy, the paper's schedule), with `last` = x_n and `guess` = x_{n+1}: the full model runs on
+  [last, guess] at positions n, n+1 and h_{n+1} gives x_{n+2}; the module runs on positions n, n+1 with next
+  tokens x_{n+1}, x_{n+2}, and g_{n+1} guesses x_{n+3}. Two tokens per full forward; the guess is never
+  checked.
+- `verify` (lossless; inference/drafting.py): the module drafts `draft_len` tokens, one full forward over
+  [last, drafts] checks them, the accepted prefix plus the full model's own next token are emitted.
 
-A full forward is counted per `base_step` call (prefill included), a module forward per `module_step` call;
-tau = new tokens / full forwards.
+Tokens are chosen by `inference.sampling` (greedy, or sampling with a seeded generator; `verify` stays
+lossless under sampling by speculative sampling). Several prompts decode as one batch: each row has its
+own cache length (model/kv_cache.py), accepts its own drafts and stops on its own; a finished row rides
+along until the batch is done, its caches rolled back so they never grow.
+
+A full forward is counted per `base_step` call (prefill included), a module forward per `module_step` or
+`draft_step` call; tau = new tokens / full forwards, per row.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
+from inference.drafting import decode_verify
+from inference.rows import (  # noqa: F401  (DecodeStats, Generation: part of the API)
+    BatchGeneration, DecodeStats, Generation, Rows, module_choice, module_prefill, prefill)
+from inference.sampling import GREEDY, Sampler, Sampling
+
 MODES = ("standard", "recycle", "verify")
+LOSSLESS = ("standard", "verify")
 
 
 class DecodingError(ValueError):
     """Bad input to a decoding call (unknown mode, prompt too long, no module); the message names the fix."""
 
 
-@dataclass
-class DecodeStats:
-    mode: str
-    prompt_tokens: int
-    new_tokens: int
-    full_forwards: int       # base_step calls, prefill included
-    module_forwards: int     # module_step calls, prefill included
-    proposed: int            # module guesses that verify checked
-    accepted: int            # ... and found equal to the full model's token
-    seconds: float           # the whole call: prefill + decode
-    prefill_seconds: float   # up to and including the first new token
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def tau(self) -> float:
-        """Tokens emitted per full forward: 1 for standard, -> 2 for recycle, 1 + acceptance for verify."""
-        return self.new_tokens / self.full_forwards if self.full_forwards else float("nan")
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.accepted / self.proposed if self.proposed else None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "tau": self.tau,
-                "acceptance_rate": self.acceptance_rate}
-
-
-@dataclass
-class Generation:
-    tokens: list[int]        # the new tokens only (EOS included when it stopped the run)
-    stats: DecodeStats
-
-
-class _Output:
-    """Collects emitted tokens; `emit` says whether decoding must stop (token budget spent or EOS)."""
-
-    def __init__(self, max_new_tokens: int, eos_id: int | None):
-        self.tokens: list[int] = []
-        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
-
-    def emit(self, token: int) -> bool:
-        self.tokens.append(token)
-        return len(self.tokens) >= self.max_new_tokens or token == self.eos_id
-
-
-def _greedy(model, states: torch.Tensor) -> list[int]:
-    """Argmax tokens for states [1, M, d] (M small). `.tolist()` also synchronises a GPU."""
-    return model.logits(states[0]).argmax(-1).tolist()
-
-
-def _prompt_tensor(prompt_ids, device) -> torch.Tensor:
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+# ------------------------------------------------------------------------------------------- input checks
+def _prompt_list(prompt_ids) -> list[int]:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
-            raise DecodingError(f"batch size {ids.shape[0]} is not supported yet; decode one prompt at a time")
+            raise DecodingError(f"batch size {ids.shape[0]}: pass several prompts to generate_batch, "
+                                "or decode one prompt at a time")
         ids = ids[0]
     if ids.dim() != 1 or ids.numel() == 0:
-        raise DecodingError("the prompt must be a non-empty list of token ids (batch 1)")
-    return ids.view(1, -1)
+        raise DecodingError("the prompt must be a non-empty list of token ids")
+    return ids.tolist()
 
 
-def _check(model, mode: str, prompt_len: int, max_new_tokens: int):
+def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int, draft_len: int,
+                  sampling: Sampling):
     if mode not in MODES:
         raise DecodingError(f"unknown decoding mode {mode!r}; valid modes: {', '.join(MODES)}")
     if max_new_tokens < 1:
         raise DecodingError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if draft_len < 1:
+        raise DecodingError(f"draft_len={draft_len} must be >= 1 (1 = one drafted token per full forward)")
+    if sampling.problems():
+        raise DecodingError("; ".join(sampling.problems()))
     if mode != "standard" and model.recycle is None:
         raise DecodingError(f"mode {mode!r} needs the recyclable module, but this model has "
                             "recycle_layers = 0; use --mode standard")
+    if not prompt_lens or min(prompt_lens) == 0:
+        raise DecodingError("every prompt must be a non-empty list of token ids")
     limit = model.cfg.max_seq_len
-    if prompt_len + max_new_tokens > limit:
-        raise DecodingError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+    if max(prompt_lens) + max_new_tokens > limit:
+        raise DecodingError(f"prompt ({max(prompt_lens)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                             f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
 
 
+# --------------------------------------------------------------------------------------------- entry points
 @torch.inference_mode()
-def greedy_generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64,
-                    eos_id: int | None = None) -> Generation:
-    """Greedy continuation of one prompt (list of ids, or a [P] / [1, P] tensor) in the given mode."""
+def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
+                   *, draft_len: int = 1, sampling: Sampling = GREEDY, draft_vocab=None) -> BatchGeneration:
+    """Continue several prompts (lists of ids) in one batch; each row's tokens equal its batch-1 tokens
+    (greedy, fp32). `draft_len`: tokens the module drafts per verify cycle; `draft_vocab`: an
+    inference.draft_vocab.DraftVocab for the module's logits (verify and recycle)."""
+    prompts = [_prompt_list(p) for p in prompts]
+    check_request(model, mode, [len(p) for p in prompts], max_new_tokens, draft_len, sampling)
     device = next(model.parameters()).device
-    prompt = _prompt_tensor(prompt_ids, device)
-    P = prompt.shape[1]
-    _check(model, mode, P, max_new_tokens)
+    if draft_vocab is not None:
+        try:
+            draft_vocab.check(model.cfg.vocab_size)
+        except ValueError as err:
+            raise DecodingError(str(err)) from None
+        draft_vocab.to(device)
     was_training = model.training
     model.eval()
-    # +2: verify writes a guess one slot past the last emitted token before it knows whether to keep it.
-    base_cache, module_cache = model.new_caches(1, P + max_new_tokens + 2, device=device)
-    out = _Output(max_new_tokens, eos_id)
-    stats = DecodeStats(mode, P, 0, 0, 0, 0, 0, 0.0, 0.0)
+    # Room for verify's drafts past the last emitted token before it knows which to keep.
+    cache_len = max(len(p) for p in prompts) + max_new_tokens + draft_len + 1
+    caches = model.new_caches(len(prompts), cache_len, device=device)
+    rows = Rows(prompts, mode, max_new_tokens, eos_id, Sampler(sampling, device), draft_len, device)
     start = time.perf_counter()
     try:
-        _DECODERS[mode](model, prompt, base_cache, module_cache, out, stats, start)
+        if mode == "verify":
+            forwards = decode_verify(model, rows, caches, draft_len, draft_vocab, start)
+        else:
+            forwards = _DECODERS[mode](model, rows, caches, draft_vocab, start)
     finally:
         model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    stats.seconds = time.perf_counter() - start
-    stats.new_tokens = len(out.tokens)
-    return Generation(out.tokens, stats)
+    seconds = time.perf_counter() - start
+    for b, s in enumerate(rows.stats):
+        s.seconds, s.new_tokens = seconds, len(rows.tokens[b])
+    return BatchGeneration([Generation(t, s) for t, s in zip(rows.tokens, rows.stats)], seconds, forwards)
 
 
-def _tensor(tokens: list[int], device) -> torch.Tensor:
-    return torch.tensor([tokens], dtype=torch.long, device=device)
+def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
+             *, draft_len: int = 1, sampling: Sampling = GREEDY, draft_vocab=None) -> Generation:
+    """Continue one prompt (list of ids, or a [P] / [1, P] tensor); see generate_batch."""
+    return generate_batch(model, [_prompt_list(prompt_ids)], mode, max_new_tokens, eos_id, draft_len=draft_len,
+                          sampling=sampling, draft_vocab=draft_vocab).rows[0]
 
 
-def _prefill(model, prompt, base_cache, out: _Output, stats: DecodeStats, start: float):
-    """Full forward over the prompt; returns (h for every prompt position, x_n, whether to stop)."""
-    h = model.base_step(prompt, base_cache)
-    stats.full_forwards += 1
-    first = _greedy(model, h[:, -1:])[0]
-    stats.prefill_seconds = time.perf_counter() - start
-    return h, first, out.emit(first)
+def greedy_generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64,
+                    eos_id: int | None = None, draft_len: int = 1) -> Generation:
+    """Greedy continuation of one prompt (the original API; `generate` adds sampling and a draft vocabulary)."""
+    return generate(model, prompt_ids, mode, max_new_tokens, eos_id, draft_len=draft_len)
 
 
-def _decode_standard(model, prompt, base_cache, module_cache, out, stats, start):
-    _, token, done = _prefill(model, prompt, base_cache, out, stats, start)
-    while not done:
-        h = model.base_step(_tensor([token], prompt.device), base_cache)
-        stats.full_forwards += 1
-        token = _greedy(model, h)[0]
-        done = out.emit(token)
+# ------------------------------------------------------------------------------------------------ modes
+def _decode_standard(model, rows: Rows, caches, draft_vocab, start) -> int:
+    base_cache, _ = caches
+    _, last = prefill(model, rows, base_cache, start)
+    forwards = 1
+    while not rows.all_done:
+        active = rows.active
+        was_active = set(active)
+        h = model.base_step(rows.tensor([[t] for t in last]), base_cache)
+        rows.count_full_forward()
+        forwards += 1
+        last = rows.sampler.choose(model.logits(h[:, 0])).tolist()
+        for b in active:
+            rows.emit(b, last[b])
+        base_cache.rollback([1 if b not in was_active else 0 for b in range(len(rows))])
+    return forwards
 
 
-def _module_prefill(model, prompt, h, first: int, module_cache, stats) -> int:
-    """Module over all prompt positions (next tokens x_1 .. x_n); returns its guess for x_{n+1}."""
-    next_ids = torch.cat([prompt[:, 1:], _tensor([first], prompt.device)], dim=1)
-    g = model.module_step(h, next_ids, module_cache)
-    stats.module_forwards += 1
-    return _greedy(model, g[:, -1:])[0]
-
-
-def _decode_recycle(model, prompt, base_cache, module_cache, out, stats, start):
-    h, last, done = _prefill(model, prompt, base_cache, out, stats, start)
-    if done:
-        return
-    guess = _module_prefill(model, prompt, h, last, module_cache, stats)
-    if out.emit(guess):
-        return
-    while True:
+def _decode_recycle(model, rows: Rows, caches, draft_vocab, start) -> int:
+    base_cache, module_cache = caches
+    h, last = prefill(model, rows, base_cache, start)
+    forwards = 1
+    if rows.all_done:
+        return forwards
+    g = module_prefill(model, rows, h, last, module_cache)
+    guess = module_choice(model, rows, g[:, 0], draft_vocab)[0].tolist()
+    for b in rows.active:
+        rows.emit(b, guess[b])
+    while not rows.all_done:
+        active = rows.active
+        was_active = set(active)
         # Full model on [x_n, x_{n+1}]: h_{n+1} gives x_{n+2}. x_{n+1} (the module's token) goes unchecked.
-        h = model.base_step(_tensor([last, guess], prompt.device), base_cache)
-        stats.full_forwards += 1
-        token = _greedy(model, h[:, -1:])[0]
-        if out.emit(token):
-            return
+        h = model.base_step(rows.tensor([[a, b] for a, b in zip(last, guess)]), base_cache)
+        rows.count_full_forward()
+        forwards += 1
+        token = rows.sampler.choose(model.logits(h[:, -1])).tolist()
+        for b in active:
+            rows.emit(b, token[b])
+        if rows.all_done:
+            break
         # Module on positions n, n+1 (next tokens x_{n+1}, x_{n+2}); g_{n+1} gives x_{n+3}.
-        g = model.module_step(h, _tensor([guess, token], prompt.device), module_cache)
-        stats.module_forwards += 1
-        last, guess = token, _greedy(model, g[:, -1:])[0]
-        if out.emit(guess):
-            return
+        g = model.module_step(h, rows.tensor([[a, b] for a, b in zip(guess, token)]), module_cache)
+        rows.count_module_forward()
+        last, guess = token, module_choice(model, rows, g[:, -1], draft_vocab)[0].tolist()
+        for b in rows.active:
+            rows.emit(b, guess[b])
+        # Rows that finished stop growing (their caches would otherwise outrun the others' forever).
+        frozen = [2 if b not in was_active else 0 for b in range(len(rows))]
+        base_cache.rollback(frozen)
+        module_cache.rollback(frozen)
+    return forwards
 
 
-def _decode_verify(model, prompt, base_cache, module_cache, out, stats, start):
-    h, last, done = _prefill(model, prompt, base_cache, out, stats, start)
-    if done:
-        return
-    guess = _module_prefill(model, prompt, h, last, module_cache, stats)
-    while True:
-        h = model.base_step(_tensor([last, guess], prompt.device), base_cache)
-        stats.full_forwards += 1
-        check, after = _greedy(model, h)        # h_n's token for x_{n+1}; h_{n+1}'s for x_{n+2}
-        stats.proposed += 1
-        if check == guess:
-            stats.accepted += 1
-            if out.emit(guess) or out.emit(after):
-                return
-            g = model.module_step(h, _tensor([guess, after], prompt.device), module_cache)
-            last = after
-        else:
-            # The slot at n+1 holds the wrong token and h_{n+1} was computed from it: drop both.
-            base_cache.rollback(1)
-            if out.emit(check):
-                return
-            g = model.module_step(h[:, :1], _tensor([check], prompt.device), module_cache)
-            last = check
-        stats.module_forwards += 1
-        guess = _greedy(model, g[:, -1:])[0]
-
-
-_DECODERS = {"standard": _decode_standard, "recycle": _decode_recycle, "verify": _decode_verify}
+_DECODERS = {"standard": _decode_standard, "recycle": _decode_recycle}

@@ -87,7 +87,7 @@ class RecycleGPT(nn.Module):
             init_parameter(self.cfg, name, p, generator)
 
     # ---------------------------------------------------------------------------------- the network
-    def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None):
+    def hidden(self, input_ids: torch.Tensor, start_pos: int | list[int] = 0, cache: KVCache | None = None):
         """The full model's final hidden state h (after the final norm) for the given tokens."""
         x = self.embedding(input_ids)
         T = input_ids.shape[1]
@@ -95,7 +95,7 @@ class RecycleGPT(nn.Module):
         x = run_stack(self.layers, x, cos, sin, cache, self.activation_checkpointing)
         return self.final_norm(x)
 
-    def recycle_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0,
+    def recycle_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int | list[int] = 0,
                        cache: KVCache | None = None):
         """g: the module's state for positions start_pos.., given h there and the tokens that follow."""
         if self.recycle is None:
@@ -137,10 +137,10 @@ class RecycleGPT(nn.Module):
         return base, module
 
     def base_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.hidden(input_ids, cache.length, cache)
+        return self.hidden(input_ids, cache.positions, cache)
 
     def module_step(self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.recycle_hidden(h, next_ids, cache.length, cache)
+        return self.recycle_hidden(h, next_ids, cache.positions, cache)
 
     def draft_step(self, state: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | None = None,
                    start_pos: int = 0) -> torch.Tensor:
@@ -160,7 +160,7 @@ class RecycleGPT(nn.Module):
         (inference/drafting.py rolls the chain back once the full model has verified it).
         """
         if cache is not None:
-            start_pos = cache.length
+            start_pos = cache.positions
         return self.recycle_hidden(state, next_ids, start_pos, cache)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,17 @@ class Rotary(nn.Module):
             self._build(self.cos.device)
         return self
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for positions start .. start+length-1 (plain ints: no device sync while decoding)."""
-        if start + length > self.max_positions:
-            raise ValueError(f"position {start + length - 1} exceeds the rotary table ({self.max_positions} "
+    def forward(self, start: int | list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start+length-1: [length, hd], or [B, 1, length, hd] when `start`
+        is one int per batch row (rows of a ragged cache). Plain ints: no device sync while decoding."""
+        last = (start if isinstance(start, int) else max(start)) + length - 1
+        if last >= self.max_positions:
+            raise ValueError(f"position {last} exceeds the rotary table ({self.max_positions} "
                              "positions); raise model.max_seq_len")
-        return self.cos[start:start + length], self.sin[start:start + length]
+        if isinstance(start, int):
+            return self.cos[start:start + length], self.sin[start:start + length]
+        index = torch.tensor(start, device=self.cos.device)[:, None] + torch.arange(length, device=self.cos.device)
+        return self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,12 +89,14 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(B, T, -1, hd).transpose(1, 2), cos, sin)
         k = apply_rotary(k.view(B, T, -1, hd).transpose(1, 2), cos, sin)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        past = 0
+        past, ragged_mask = 0, None
         if cache is not None:
-            past = cache.length
+            past, ragged_mask = cache.positions, cache.attention_mask(T)
             k, v = cache.write(layer_idx, k, v)
         gqa = self.local_heads != self.local_kv_heads
-        if past == 0:
+        if ragged_mask is not None:     # batch rows at different lengths: each sees its own prefix only
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ragged_mask, enable_gqa=gqa)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

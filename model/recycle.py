@@ -29,12 +29,12 @@ class RecyclableModule(nn.Module):
         self.final_norm = RMSNorm(d, cfg.norm_eps)      # RMSNorm_r
         self.activation_checkpointing = False
 
-    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary, start_pos: int = 0,
+    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary, start_pos: int | list[int] = 0,
                 cache: KVCache | None = None) -> torch.Tensor:
         """h, next_embeds: [B, T, d] for positions start_pos .. start_pos+T-1; returns g (same shape)."""
         T = h.shape[1]
         u = self.linear_in(torch.cat([self.hidden_norm(h), self.embed_norm(next_embeds)], dim=-1))
         # The module's state at position i stands for token i+1, hence rotary position i + 1.
-        cos, sin = rotary(start_pos + 1, T)
+        cos, sin = rotary(start_pos + 1 if isinstance(start_pos, int) else [p + 1 for p in start_pos], T)
         u = run_stack(self.layers, u, cos, sin, cache, self.activation_checkpointing)
         return self.final_norm(u)
