@@ -1,17 +1,21 @@
-"""Decoding speed of the modes side by side, judged against the structural bound (DESIGN.md §2).
+"""Decoding speed of the modes side by side, judged against predictions from measured step costs (DESIGN.md §2).
 
     python -m inference.benchmark --preset 125m --random-init --modes standard,recycle,verify --output b.json
+    python -m inference.benchmark --model DIR --prompt-corpus assets/corpus/brown.jsonl.zst \\
+        --draft-len 1,2,3,4,auto --draft-vocab DIR/draft_vocab.safetensors --compare-draft-vocab --output b.json
 
-All modes run in one process on the same prompt, with interleaved repeats (the mode order rotates each
-repeat) after a warmup, so that machine noise hits every mode alike. EOS is ignored: every run emits
-exactly --new-tokens tokens. Besides tokens/s it measures, at the mid-generation cache length:
+All modes run in one process on the same prompts, with interleaved repeats (the order rotates each repeat)
+after a warmup, so that machine noise hits every mode alike; repeat r decodes the r-th batch of prompts in
+every mode. EOS is ignored: every row emits exactly --new-tokens tokens. `verify` runs once per
+--draft-len value (entries `verify`, or `verify_k2`, `verify_auto`, ... for several; `_dv` with the draft
+vocabulary). Between repeats it samples the step costs at the mid-generation cache length
+(inference/step_costs.py) and reports, per entry:
 
-    c(M)/c(1)  cost of an M-token full step (forward + LM head on the last position) relative to 1 token
-    f          cost of a 2-position module step (+ LM head) relative to a 1-token full step
-    bound      2 / (c(2)/c(1) + f): the best recycle speedup over standard these costs allow; verify's is
-               (1 + acceptance) / (c(2)/c(1) + f)
+    predicted  tau_cycle / (c(k+1)/c(1) + k f)  for verify with k drafts (tau_cycle: tokens per cycle as
+               measured, prefill excluded); 2 / (c(2)/c(1) + f_2) for recycle (the structural bound)
+    speedup    measured tokens/s over standard's (median of repeats; speedup_best: best of repeats)
 
-Writes FILE.json with everything and FILE.png (tokens/s per mode, the recycle bound as a line).
+Writes FILE.json with everything and FILE.png (tokens/s per entry, predicted speedups as markers).
 """
 from __future__ import annotations
 
@@ -19,22 +23,28 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from inference.cli import OneLineArgumentParser, UsageError, add_model_args, check_model_args, model_from_args, run_main
+from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_model_args,
+                           load_draft_vocab, model_from_args, parse_draft_len, run_main, sampling_from_args)
 from inference.decoding import MODES
 
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n")[0])
     add_model_args(p)
+    add_decoding_args(p)
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + ", ".join(MODES))
     p.add_argument("--output", required=True, metavar="FILE.json", help="results; the plot goes next to it (.png)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together per run")
     p.add_argument("--prompt", help="text (tiled to --prompt-len tokens) instead of random token ids")
+    p.add_argument("--prompt-corpus", metavar="FILE", help=".jsonl or .jsonl.zst with a 'text' field: prompts are "
+                   "the first --prompt-len tokens of its documents (one per row and repeat)")
+    p.add_argument("--compare-draft-vocab", action="store_true",
+                   help="with --draft-vocab: run every verify entry with and without it")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     return p
 
@@ -47,129 +57,149 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def make_prompt(args, model, tokenizer) -> list[int]:
+def entries(modes, draft_lens, with_vocab: list[bool]) -> list[dict]:
+    """The runs to compare: name, mode, draft_len (int or 'auto'), whether the draft vocabulary is used."""
+    out = []
+    for mode in modes:
+        if mode != "verify":
+            # recycle drafts over the draft vocabulary when one is given (and not being compared)
+            out.append({"name": mode, "mode": mode, "draft_len": 1, "draft_vocab": mode == "recycle" and with_vocab == [True]})
+            continue
+        for k in draft_lens:
+            for dv in with_vocab:
+                name = "verify" + ("" if len(draft_lens) == 1 else f"_k{k}" if k != "auto" else "_auto")
+                out.append({"name": name + ("_dv" if dv and len(with_vocab) > 1 else ""), "mode": "verify",
+                            "draft_len": k, "draft_vocab": dv})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def corpus_texts(path: Path, count: int) -> list[str]:
+    import io
+
+    import zstandard
+
+    texts = []
+    with open(path, "rb") as raw:
+        stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.suffix == ".zst" else raw
+        for line in io.TextIOWrapper(stream, encoding="utf-8"):
+            if line.strip():
+                text = json.loads(line).get("text", "")
+                if len(text) > 200:
+                    texts.append(text)
+            if len(texts) >= count:
+                break
+    return texts
+
+
+def make_prompts(args, model, tokenizer, count: int) -> list[list[int]]:
     import torch
 
+    if args.prompt_corpus:
+        texts = corpus_texts(Path(args.prompt_corpus), count)
+        prompts = [tokenizer.encode(t)[:args.prompt_len] for t in texts]
+        prompts = [p for p in prompts if len(p) == args.prompt_len]
+        if not prompts:
+            raise UsageError(f"--prompt-corpus {args.prompt_corpus}: no document has {args.prompt_len} tokens")
+        return [prompts[i % len(prompts)] for i in range(count)]
     if args.prompt:
-        if tokenizer is None:
-            raise UsageError("--prompt needs a tokenizer; pass --tokenizer DIR or drop --prompt (random ids)")
         ids = tokenizer.encode(args.prompt)
         if not ids:
             raise UsageError("--prompt is empty after tokenization")
-        return (ids * (args.prompt_len // len(ids) + 1))[:args.prompt_len]
+        return [(ids * (args.prompt_len // len(ids) + 1))[:args.prompt_len]] * count
     gen = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, model.cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+    return torch.randint(0, model.cfg.vocab_size, (count, args.prompt_len), generator=gen).tolist()
 
 
-class StepCosts:
-    """Seconds of a 1- and 2-token full step and a 2-position module step at `context_len` cached positions,
-    each followed by the LM head on its last position as in decoding, and rolled back afterwards so every
-    sample sees the same cache length. `sample` is called between the decoding repeats, so these timings
-    and the tokens/s share the machine's load; `summary` takes medians."""
+# ------------------------------------------------------------------------------------------------ runs
+def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, cost_rounds: int = 60) -> dict:
+    from inference.decoding import generate_batch
+    from inference.draft_policy import AutoDraftLen
 
-    def __init__(self, model, prompt: list[int], context_len: int):
-        import torch
+    base_costs = costs.summary()
 
-        self.model, self.context_len = model, context_len
-        device = next(model.parameters()).device
-        self.ids = torch.tensor([(prompt * (context_len // len(prompt) + 2))[:context_len + 3]], device=device)
-        self.base, self.module = model.new_caches(1, context_len + 4, device=device)
-        with torch.inference_mode():
-            h = model.base_step(self.ids[:, :context_len], self.base)
-            if self.module is not None:
-                model.module_step(h, self.ids[:, 1:context_len + 1], self.module)
-            self.h2 = model.base_step(self.ids[:, context_len:context_len + 2], self.base)
-            self.base.rollback(2)
-        self.kinds = {"full_1": lambda: self._full(1), "full_2": lambda: self._full(2)}
-        if self.module is not None:
-            self.kinds["module_2"] = self._module
-        self.times = {k: [] for k in self.kinds}
-        self.sample(2, keep=False)           # warmup
+    def run(entry, prompts, n):
+        k = entry["draft_len"]
+        if k == "auto":         # from the step costs measured before the runs
+            k = AutoDraftLen(base_costs["cost_ratio"], base_costs["f_dv" if entry["draft_vocab"] else "f"])
+        return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
+                              draft_vocab=draft_vocab if entry["draft_vocab"] else None)
 
-    def _full(self, m: int):
-        c = self.context_len
-        self.model.logits(self.model.base_step(self.ids[:, c:c + m], self.base)[0, -1:]).argmax(-1).tolist()
-        self.base.rollback(m)
-
-    def _module(self):
-        c = self.context_len
-        self.model.logits(self.model.module_step(self.h2, self.ids[:, c + 1:c + 3], self.module)[0, -1:]).argmax(-1).tolist()
-        self.module.rollback(2)
-
-    def sample(self, rounds: int, keep: bool = True):
-        import torch
-
-        with torch.inference_mode():
-            for _ in range(rounds):
-                for name, fn in self.kinds.items():
-                    start = time.perf_counter()
-                    fn()
-                    if keep:
-                        self.times[name].append(time.perf_counter() - start)
-
-    def summary(self) -> dict:
-        t = {k: statistics.median(v) for k, v in self.times.items()}
-        out = {"context_len": self.context_len, "samples": len(self.times["full_1"]), "full_1_s": t["full_1"],
-               "full_2_s": t["full_2"], "c2_over_c1": t["full_2"] / t["full_1"]}
-        if "module_2" in t:
-            out.update(module_2_s=t["module_2"], f=t["module_2"] / t["full_1"])
-            out["recycle_bound"] = 2 / (out["c2_over_c1"] + out["f"])
-        return out
-
-
-def run_modes(model, prompt, modes, new_tokens, repeats, costs: StepCosts, cost_rounds: int = 60) -> dict:
-    from inference.decoding import greedy_generate
-
-    for mode in modes:                        # warmup: allocator, kernels, first-call overheads
-        greedy_generate(model, prompt, mode, min(new_tokens, 8))
-    runs = {m: [] for m in modes}
-    tokens = {}
-    for r in range(repeats):
-        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            g = greedy_generate(model, prompt, mode, new_tokens)
-            runs[mode].append(g.stats)
-            tokens[mode] = g.tokens
-        costs.sample(-(-cost_rounds // repeats))
+    for entry in todo:                       # warmup: allocator, kernels, first-call overheads
+        run(entry, batches[0], min(new_tokens, 8))
+    runs = {e["name"]: [] for e in todo}
+    for r, prompts in enumerate(batches):
+        for entry in todo[r % len(todo):] + todo[:r % len(todo)]:
+            runs[entry["name"]].append(run(entry, prompts, new_tokens))
+        costs.sample(-(-cost_rounds // len(batches)))
     results = {}
-    for mode, stats in runs.items():
-        tps = [s.tokens_per_s for s in stats]
-        last = stats[-1]
-        results[mode] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
-                         "tau": last.tau, "acceptance_rate": last.acceptance_rate,
-                         "full_forwards": last.full_forwards, "module_forwards": last.module_forwards,
-                         "new_tokens": last.new_tokens, "prefill_s": statistics.median(s.prefill_seconds for s in stats)}
-    if "standard" in results:
-        for mode, res in results.items():
-            res["speedup"] = res["tokens_per_s"] / results["standard"]["tokens_per_s"]
-            # Load from other processes only ever slows a run down: best-of-runs is a second, less noisy view.
-            res["speedup_best"] = res["tokens_per_s_best"] / results["standard"]["tokens_per_s_best"]
-        if "verify" in results:              # lossless means identical tokens; check it on every benchmark
-            results["verify"]["identical_to_standard"] = tokens["verify"] == tokens["standard"]
+    for entry in todo:
+        gens = runs[entry["name"]]
+        tps = [g.tokens_per_s for g in gens]
+        stats = [s for g in gens for s in g.stats]
+        tokens = sum(s.new_tokens for s in stats)
+        forwards = sum(s.full_forwards for s in stats)
+        proposed, accepted = sum(s.proposed for s in stats), sum(s.accepted for s in stats)
+        used: dict = {}
+        for g in gens:
+            for k, n in (g.stats[0].draft_lens_used or {g.stats[0].draft_len: 1}).items():
+                used[k] = used.get(k, 0) + n
+        results[entry["name"]] = {
+            "mode": entry["mode"], "draft_len": max(used, key=used.get), "draft_len_auto": entry["draft_len"] == "auto",
+            "draft_lens_used": used, "draft_vocab": bool(entry["draft_vocab"]),
+            "temperature": sampling.temperature, "batch_size": len(batches[0]),
+            "tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
+            "tau": tokens / forwards, "tau_cycle": (tokens - len(stats)) / max(forwards - len(stats), 1),
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "full_forwards": forwards / len(gens), "module_forwards": sum(s.module_forwards for s in stats) / len(gens),
+            "new_tokens": tokens / len(gens), "prefill_s": statistics.median(s.prefill_seconds for s in stats),
+            "tokens": [[row.tokens for row in g.rows] for g in gens]}
     return results
 
 
+def compare(results: dict, costs: dict, greedy: bool):
+    """Speedups over standard, predictions from the step costs, and the lossless check (greedy only)."""
+    std = results.get("standard")
+    for res in results.values():
+        if res["mode"] == "verify":
+            k, f = res["draft_len"], costs["f_dv" if res["draft_vocab"] else "f"]
+            res["predicted_speedup"] = res["tau_cycle"] / (costs["cost_ratio"][k + 1] + k * f)
+        elif res["mode"] == "recycle" and "recycle_bound" in costs:
+            res["predicted_speedup"] = costs["recycle_bound_dv" if res["draft_vocab"] else "recycle_bound"]
+        if std is None:
+            continue
+        res["speedup"] = res["tokens_per_s"] / std["tokens_per_s"]
+        # Load from other processes only ever slows a run down: best-of-runs is a second, less noisy view.
+        res["speedup_best"] = res["tokens_per_s_best"] / std["tokens_per_s_best"]
+        if res["mode"] == "verify":
+            # Lossless means identical tokens (greedy); sampled texts differ run to run by design.
+            res["identical_to_standard"] = res["tokens"] == std["tokens"] if greedy else None
+    for res in results.values():
+        del res["tokens"]
+
+
+# ----------------------------------------------------------------------------------------------- output
 def print_table(report: dict):
     costs, results = report["step_costs"], report["modes"]
     print(f"{report['model']}  ({report['parameters']['total'] / 1e6:.1f}M params, {report['device']}, "
-          f"{report['dtype']}, {report['threads']} threads)  prompt {report['prompt_len']}, "
-          f"{report['new_tokens']} new tokens, {report['repeats']} repeats")
-    print(f"{'mode':<10}{'tokens/s':>10}{'speedup':>9}{'best tok/s':>12}{'speedup':>9}{'tau':>7}{'accept':>8}"
-          f"{'full fwd':>10}{'module fwd':>12}")
-    for mode, r in results.items():
+          f"{report['dtype']}, {report['threads']} threads)  prompt {report['prompt_len']}, {report['new_tokens']} "
+          f"new tokens, batch {report['batch_size']}, temperature {report['temperature']}, {report['repeats']} repeats")
+    print(f"{'entry':<16}{'k':>5}{'tokens/s':>10}{'speedup':>9}{'best':>7}{'predicted':>10}{'tau':>7}{'accept':>8}"
+          f"{'identical':>10}")
+    for name, r in results.items():
         acc = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         best = f"{r['speedup_best']:.2f}x" if "speedup" in r else "-"
-        print(f"{mode:<10}{r['tokens_per_s']:>10.1f}{speed:>9}{r['tokens_per_s_best']:>12.1f}{best:>9}{r['tau']:>7.2f}"
-              f"{acc:>8}{r['full_forwards']:>10}{r['module_forwards']:>12}")
-    line = (f"step costs at {costs['context_len']} cached positions: c(1) {1e3 * costs['full_1_s']:.2f} ms, "
-            f"c(2)/c(1) {costs['c2_over_c1']:.2f}")
+        pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "-"
+        k = (f"a{r['draft_len']}" if r["draft_len_auto"] else str(r["draft_len"])) if r["mode"] == "verify" else "-"
+        same = {True: "yes", False: "NO", None: "-"}[r.get("identical_to_standard")]
+        print(f"{name:<16}{k:>5}{r['tokens_per_s']:>10.1f}{speed:>9}{best:>7}{pred:>10}{r['tau']:>7.2f}{acc:>8}{same:>10}")
+    ratios = ", ".join(f"c({m})/c(1) {v:.2f}" for m, v in costs["cost_ratio"].items() if m > 1)
+    line = f"step costs at {costs['context_len']} cached positions: c(1) {1e3 * costs['full_1_s']:.2f} ms, {ratios}"
     if "f" in costs:
-        line += f", f {costs['f']:.2f}; recycle bound 2/(c(2)/c(1)+f) = {costs['recycle_bound']:.2f}x"
-        if "verify_bound" in costs:
-            line += f", verify bound {costs['verify_bound']:.2f}x"
+        line += f"; f {costs['f']:.2f}" + (f" (draft vocabulary {costs['f_dv']:.2f})" if "f_dv" in costs else "")
+        line += f", f_2 {costs['f_2']:.2f}; recycle bound {costs['recycle_bound']:.2f}x"
     print(line)
-    if "verify" in results and "identical_to_standard" in results["verify"]:
-        print(f"verify output identical to standard: {results['verify']['identical_to_standard']}")
 
 
 def plot(report: dict, path: Path):
@@ -178,22 +208,28 @@ def plot(report: dict, path: Path):
     import matplotlib.pyplot as plt
 
     results = report["modes"]
-    modes = list(results)
-    med = [results[m]["tokens_per_s"] for m in modes]
-    lo = [med[i] - min(results[m]["tokens_per_s_runs"]) for i, m in enumerate(modes)]
-    hi = [max(results[m]["tokens_per_s_runs"]) - med[i] for i, m in enumerate(modes)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(modes, med, yerr=[lo, hi], capsize=4, color=["#888", "#3a7", "#37a"][:len(modes)])
-    for i, m in enumerate(modes):
-        note = (f"{results[m]['speedup']:.2f}x, " if "speedup" in results[m] else "") + f"tau {results[m]['tau']:.2f}"
-        ax.text(i, med[i] / 2, note, ha="center", va="center", color="white", fontsize=9)
-    bound = report["step_costs"].get("recycle_bound")
-    if bound and "standard" in results:
-        ax.axhline(bound * results["standard"]["tokens_per_s"], ls="--", color="k", lw=1,
-                   label=f"recycle bound {bound:.2f}x")
-        ax.legend(loc="lower right")
+    names = list(results)
+    med = [results[n]["tokens_per_s"] for n in names]
+    lo = [med[i] - min(results[n]["tokens_per_s_runs"]) for i, n in enumerate(names)]
+    hi = [max(results[n]["tokens_per_s_runs"]) - med[i] for i, n in enumerate(names)]
+    colors = {"standard": "#888", "recycle": "#3a7", "verify": "#37a"}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+    ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors[results[n]["mode"]] for n in names])
+    std = results.get("standard", {}).get("tokens_per_s")
+    for i, n in enumerate(names):
+        r = results[n]
+        note = (f"{r['speedup']:.2f}x\n" if "speedup" in r else "") + f"tau {r['tau']:.2f}"
+        ax.text(i, med[i] / 2, note, ha="center", va="center", color="white", fontsize=8)
+        if std and "predicted_speedup" in r:
+            ax.plot(i, r["predicted_speedup"] * std, "k_", markersize=18,
+                    label="predicted from step costs" if i == names.index(next(x for x in names
+                                                                              if "predicted_speedup" in results[x])) else None)
+    if std:
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("tokens/s (median, min-max)")
-    ax.set_title(f"{report['model']}, {report['device']} {report['dtype']}", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.set_title(f"{report['model']}, {report['device']} {report['dtype']}, batch {report['batch_size']}, "
+                 f"T={report['temperature']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,9 +238,15 @@ def plot(report: dict, path: Path):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     modes = parse_modes(args.modes)
-    for name in ("prompt_len", "new_tokens", "repeats"):
+    draft_lens = list(dict.fromkeys(parse_draft_len(t.strip(), args.max_draft_len) for t in args.draft_len.split(",")))
+    sampling = sampling_from_args(args)
+    for name in ("prompt_len", "new_tokens", "repeats", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.compare_draft_vocab and not args.draft_vocab:
+        raise UsageError("--compare-draft-vocab needs --draft-vocab FILE")
+    if args.prompt_corpus and not Path(args.prompt_corpus).is_file():
+        raise UsageError(f"--prompt-corpus {args.prompt_corpus}: no such file")
     out = Path(args.output)
     if out.suffix != ".json" or not out.parent.is_dir():
         raise UsageError(f"--output {out}: give a .json file in an existing folder")
@@ -212,27 +254,45 @@ def main(argv=None) -> int:
 
     import torch
 
+    from inference.step_costs import StepCosts
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + 2)
+    max_k = max([k for k in draft_lens if k != "auto"] + [args.max_draft_len if "auto" in draft_lens else 1])
+    model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + max_k + 1)
     if model.recycle is None and set(modes) - {"standard"}:
         raise UsageError("this model has no recyclable module (recycle_layers = 0); use --modes standard")
-    if args.prompt_len + args.new_tokens > model.cfg.max_seq_len:
-        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
-                         f"context of {model.cfg.max_seq_len} tokens; lower one of them")
-    prompt = make_prompt(args, model, tokenizer)
-    costs = StepCosts(model, prompt, args.prompt_len + args.new_tokens // 2)   # the mid-generation length
-    results = run_modes(model, prompt, modes, args.new_tokens, args.repeats, costs)
-    costs = costs.summary()
-    if "verify" in results and "f" in costs:
-        costs["verify_bound"] = (1 + results["verify"]["acceptance_rate"]) / (costs["c2_over_c1"] + costs["f"])
+    if args.prompt_len + args.new_tokens + max_k > model.cfg.max_seq_len:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} + draft length {max_k} "
+                         f"exceeds the model's context of {model.cfg.max_seq_len} tokens; lower one of them")
+    if (args.prompt or args.prompt_corpus) and tokenizer is None:
+        raise UsageError("--prompt/--prompt-corpus need a tokenizer; pass --tokenizer DIR")
+    draft_vocab = load_draft_vocab(args, model)
+    if draft_vocab is not None:
+        draft_vocab.to(device)
+    prompts = make_prompts(args, model, tokenizer, args.batch_size * args.repeats)
+    batches = [prompts[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.repeats)]
+    with_vocab = [False, True] if args.compare_draft_vocab else [draft_vocab is not None]
+    todo = entries(modes, draft_lens, with_vocab)
+    context = args.prompt_len + args.new_tokens // 2                          # the mid-generation length
+    costs = StepCosts(model, prompts[0], context, max_k + 1, batch=args.batch_size, draft_vocab=draft_vocab)
+    costs.sample(10)                         # before the runs: what --draft-len auto decides from
+    results = run_entries(model, batches, todo, args.new_tokens, sampling, draft_vocab, costs)
+    summary = costs.summary()
+    compare(results, summary, sampling.greedy)
     report = {"model": description, "parameters": model.cfg.num_parameters(), "config": model.cfg.to_dict(),
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
               "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "host": platform.node(), "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "modes": results, "step_costs": costs}
+              "prompt_source": args.prompt_corpus or ("text" if args.prompt else "random ids"),
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "batch_size": args.batch_size,
+              "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+              "seed": args.seed, "draft_vocab": args.draft_vocab, "draft_vocab_size": len(draft_vocab or []),
+              "modes": results, "step_costs": summary}
     print_table(report)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

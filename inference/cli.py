@@ -36,7 +36,62 @@ def add_model_args(parser: argparse.ArgumentParser):
                         "bundled one matching the preset's vocabulary)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on cpu, bf16 on cuda")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights (and prompts)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights, prompts and sampling")
+
+
+def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = "1"):
+    """Flags of the lossless modes: draft length, sampling, draft vocabulary (DESIGN.md §2)."""
+    parser.add_argument("--draft-len", default=draft_len_default, metavar="K|auto",
+                        help="tokens the module drafts per verify cycle (1 = one; auto: chosen from measured "
+                        "step costs and acceptance)")
+    parser.add_argument("--max-draft-len", type=int, default=4, metavar="K", help="upper limit for --draft-len auto")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, "
+                        "losslessly in standard and verify")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this much mass")
+    parser.add_argument("--draft-vocab", metavar="FILE", help="draft_vocab.safetensors (python -m "
+                        "inference.draft_vocab): the module drafts over these tokens only")
+
+
+def parse_draft_len(text: str, max_draft_len: int):
+    """'auto' or an int >= 1, checked before any model loads."""
+    if max_draft_len < 1:
+        raise UsageError(f"--max-draft-len {max_draft_len} must be >= 1")
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise UsageError(f"--draft-len {text!r}: give an int >= 1 or 'auto'")
+    return k
+
+
+def sampling_from_args(args):
+    from inference.sampling import Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if sampling.problems():
+        raise UsageError("; ".join(f"--{p}" for p in sampling.problems()))
+    if args.draft_vocab and not Path(args.draft_vocab).is_file():
+        raise UsageError(f"--draft-vocab {args.draft_vocab}: no such file; write one with python -m "
+                         "inference.draft_vocab --data PREFIX --output FILE")
+    return sampling
+
+
+def load_draft_vocab(args, model):
+    """The --draft-vocab file for this model, or None."""
+    if not args.draft_vocab:
+        return None
+    from inference.draft_vocab import DraftVocab
+
+    try:
+        vocab = DraftVocab.load(args.draft_vocab)
+        vocab.check(model.cfg.vocab_size)
+    except ValueError as err:
+        raise UsageError(f"--draft-vocab: {err}") from None
+    return vocab
 
 
 def check_model_args(args):

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from inference.draft_policy import AutoDraftLen, FixedDraftLen
 from inference.drafting import decode_verify
 from inference.rows import (  # noqa: F401  (DecodeStats, Generation: part of the API)
     BatchGeneration, DecodeStats, Generation, Rows, module_choice, module_prefill, prefill)
@@ -54,14 +55,11 @@ def _prompt_list(prompt_ids) -> list[int]:
     return ids.tolist()
 
 
-def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int, draft_len: int,
-                  sampling: Sampling):
+def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int, sampling: Sampling):
     if mode not in MODES:
         raise DecodingError(f"unknown decoding mode {mode!r}; valid modes: {', '.join(MODES)}")
     if max_new_tokens < 1:
         raise DecodingError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if draft_len < 1:
-        raise DecodingError(f"draft_len={draft_len} must be >= 1 (1 = one drafted token per full forward)")
     if sampling.problems():
         raise DecodingError("; ".join(sampling.problems()))
     if mode != "standard" and model.recycle is None:
@@ -78,12 +76,23 @@ def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int,
 # --------------------------------------------------------------------------------------------- entry points
 @torch.inference_mode()
 def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
-                   *, draft_len: int = 1, sampling: Sampling = GREEDY, draft_vocab=None) -> BatchGeneration:
+                   *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None,
+                   max_auto_draft_len: int = 4) -> BatchGeneration:
     """Continue several prompts (lists of ids) in one batch; each row's tokens equal its batch-1 tokens
-    (greedy, fp32). `draft_len`: tokens the module drafts per verify cycle; `draft_vocab`: an
-    inference.draft_vocab.DraftVocab for the module's logits (verify and recycle)."""
+    (greedy, fp32). `draft_len`: tokens the module drafts per verify cycle, 'auto' (measure the step costs
+    now, then pick k <= max_auto_draft_len per cycle), or a policy from inference.draft_policy;
+    `draft_vocab`: an inference.draft_vocab.DraftVocab for the module's logits (verify and recycle)."""
     prompts = [_prompt_list(p) for p in prompts]
-    check_request(model, mode, [len(p) for p in prompts], max_new_tokens, draft_len, sampling)
+    check_request(model, mode, [len(p) for p in prompts], max_new_tokens, sampling)
+    if isinstance(draft_len, (FixedDraftLen, AutoDraftLen)):
+        policy = draft_len
+    elif draft_len == "auto":
+        policy = None           # measured below, once the model is in eval mode
+    elif isinstance(draft_len, int) and draft_len >= 1:
+        policy = FixedDraftLen(draft_len)
+    else:
+        raise DecodingError(f"draft_len={draft_len!r} must be an int >= 1 (1 = one drafted token per full "
+                            "forward) or 'auto'")
     device = next(model.parameters()).device
     if draft_vocab is not None:
         try:
@@ -93,18 +102,26 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
         draft_vocab.to(device)
     was_training = model.training
     model.eval()
+    if policy is None:
+        policy = (auto_policy(model, prompts[0], max_new_tokens, max_auto_draft_len, draft_vocab)
+                  if mode == "verify" else FixedDraftLen(1))
+    max_k = policy.max_k if isinstance(policy, AutoDraftLen) else policy.k
     # Room for verify's drafts past the last emitted token before it knows which to keep.
-    cache_len = max(len(p) for p in prompts) + max_new_tokens + draft_len + 1
+    cache_len = max(len(p) for p in prompts) + max_new_tokens + max_k + 1
     caches = model.new_caches(len(prompts), cache_len, device=device)
-    rows = Rows(prompts, mode, max_new_tokens, eos_id, Sampler(sampling, device), draft_len, device)
+    rows = Rows(prompts, mode, max_new_tokens, eos_id, Sampler(sampling, device), max_k, device)
     start = time.perf_counter()
     try:
         if mode == "verify":
-            forwards = decode_verify(model, rows, caches, draft_len, draft_vocab, start)
+            forwards = decode_verify(model, rows, caches, policy, draft_vocab, start)
         else:
             forwards = _DECODERS[mode](model, rows, caches, draft_vocab, start)
     finally:
         model.train(was_training)
+    if mode == "verify":        # the k used most (auto may change it between cycles)
+        for s in rows.stats:
+            s.draft_len = max(policy.used, key=policy.used.get) if policy.used else max_k
+            s.draft_lens_used = dict(policy.used) if isinstance(policy, AutoDraftLen) else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -113,15 +130,24 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
     return BatchGeneration([Generation(t, s) for t, s in zip(rows.tokens, rows.stats)], seconds, forwards)
 
 
+def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft_vocab=None) -> AutoDraftLen:
+    """`--draft-len auto`: the step costs measured now, at the mid-generation cache length."""
+    from inference.step_costs import measure
+
+    context = min(len(prompt) + max_new_tokens // 2, model.cfg.max_seq_len - max_k - 3)
+    costs = measure(model, prompt, context, max_k + 1, draft_vocab=draft_vocab)
+    return AutoDraftLen(costs["cost_ratio"], costs["f"])
+
+
 def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
-             *, draft_len: int = 1, sampling: Sampling = GREEDY, draft_vocab=None) -> Generation:
+             *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None) -> Generation:
     """Continue one prompt (list of ids, or a [P] / [1, P] tensor); see generate_batch."""
     return generate_batch(model, [_prompt_list(prompt_ids)], mode, max_new_tokens, eos_id, draft_len=draft_len,
                           sampling=sampling, draft_vocab=draft_vocab).rows[0]
 
 
 def greedy_generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64,
-                    eos_id: int | None = None, draft_len: int = 1) -> Generation:
+                    eos_id: int | None = None, draft_len=1) -> Generation:
     """Greedy continuation of one prompt (the original API; `generate` adds sampling and a draft vocabulary)."""
     return generate(model, prompt_ids, mode, max_new_tokens, eos_id, draft_len=draft_len)
 

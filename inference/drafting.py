@@ -31,7 +31,8 @@ import torch
 from inference.rows import Rows, module_choice, module_prefill, prefill
 
 
-def decode_verify(model, rows: Rows, caches, draft_len: int, draft_vocab, start: float) -> int:
+def decode_verify(model, rows: Rows, caches, policy, draft_vocab, start: float) -> int:
+    """`policy` (inference/draft_policy.py) says how many tokens to draft in each cycle."""
     base_cache, module_cache = caches
     h, last = prefill(model, rows, base_cache, start)
     forwards = 1
@@ -43,13 +44,14 @@ def decode_verify(model, rows: Rows, caches, draft_len: int, draft_vocab, start:
         active = rows.active
         was_active = set(active)
         # Never draft past a row's budget (positions past max_seq_len have no rotary table).
-        k = min([draft_len] + [rows.remaining(b) for b in active])
+        k = min([policy.next_k()] + [rows.remaining(b) for b in active])
         drafts, draft_probs = draft_chain(model, rows, g, k, module_cache, draft_vocab)
         h = model.base_step(torch.cat([rows.tensor([[t] for t in last]), drafts], dim=1), base_cache)
         rows.count_full_forward()
         forwards += 1
         accepted, nxt = rows.sampler.accept(drafts, draft_probs, model.logits(h))
         drafted = drafts.tolist()
+        policy.record(k, [accepted[b] for b in active])
         for b in active:
             rows.stats[b].proposed += k
             rows.stats[b].accepted += accepted[b]

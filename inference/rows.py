@@ -26,6 +26,7 @@ class DecodeStats:
     draft_len: int = 1
     temperature: float = 0.0
     batch_size: int = 1
+    draft_lens_used: dict | None = None   # --draft-len auto: cycles per k
 
     @property
     def tokens_per_s(self) -> float:

@@ -31,6 +31,14 @@ def run(*args):
      "exceeds the model's context"),
     (["inference.benchmark", "--preset", "tiny", "--random-init", "--modes", "standard,fast",
       "--output", "/tmp/x.json"], "unknown mode(s) ['fast']"),
+    (["inference.generate", "--preset", "tiny", "--random-init", "--prompt", "x", "--draft-len", "0"],
+     "--draft-len '0'"),
+    (["inference.generate", "--preset", "tiny", "--random-init", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["inference.generate", "--preset", "tiny", "--random-init", "--batch-file", "/no/such.txt"], "--batch-file"),
+    (["inference.generate", "--preset", "tiny", "--random-init", "--prompt", "x", "--draft-vocab", "/no/dv"],
+     "--draft-vocab"),
+    (["inference.benchmark", "--preset", "tiny", "--random-init", "--compare-draft-vocab", "--output", "/tmp/x.json"],
+     "--compare-draft-vocab needs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expected):
     r = run(*argv)
@@ -62,8 +70,45 @@ def test_benchmark_writes_json_and_png(tmp_path):
     assert report["modes"]["recycle"]["full_forwards"] == 5
     assert report["modes"]["verify"]["identical_to_standard"] is True
     costs = report["step_costs"]
-    assert costs["recycle_bound"] == pytest.approx(2 / (costs["c2_over_c1"] + costs["f"]))
+    assert costs["recycle_bound"] == pytest.approx(2 / (costs["c2_over_c1"] + costs["f_2"]))
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_benchmark_draft_lens_batch_and_sampling(tmp_path):
+    out = tmp_path / "bench.json"
+    before = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
+                               "--repeats", "2", "--threads", "1", "--modes", "standard,verify", "--draft-len",
+                               "1,3,auto", "--max-draft-len", "2", "--batch-size", "2", "--temperature", "0.7",
+                               "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads(out.read_text())
+    modes = report["modes"]
+    assert set(modes) == {"standard", "verify_k1", "verify_k3", "verify_auto"}
+    assert [modes[m]["draft_len"] for m in ("verify_k1", "verify_k3")] == [1, 3]
+    assert modes["verify_auto"]["draft_len_auto"] and 1 <= modes["verify_auto"]["draft_len"] <= 2
+    for m in modes.values():
+        assert m["temperature"] == 0.7 and m["batch_size"] == 2 and "speedup_best" in m
+        assert m["new_tokens"] == 2 * 9
+    assert modes["verify_k3"]["identical_to_standard"] is None      # sampled: no token-for-token claim
+    costs = report["step_costs"]
+    assert set(costs["cost_ratio"]) == {"1", "2", "3", "4"}
+    k = 3
+    assert modes["verify_k3"]["predicted_speedup"] == pytest.approx(
+        modes["verify_k3"]["tau_cycle"] / (costs["cost_ratio"][str(k + 1)] + k * costs["f"]))
+
+
+def test_generate_batch_file(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The union is\n\nWe the people of the United States\n")
+    r = run("inference.generate", "--preset", "tiny", "--random-init", "--batch-file", str(prompts), "--mode",
+            "verify", "--draft-len", "2", "--max-new-tokens", "5", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.strip().split("\n\n")
+    assert len(blocks) == 2 and blocks[0].startswith("The union is") and blocks[1].startswith("We the people")
+    assert r.stderr.count("[verify] 5 tokens") == 2 and "[batch] 10 tokens" in r.stderr
 
 
 def test_hf_dir_round_trip(tmp_path):

@@ -179,3 +179,49 @@ def test_draft_vocabulary_file_round_trip(tmp_path):
 def test_bad_draft_len_is_a_clear_error():
     with pytest.raises(DecodingError, match="draft_len=0"):
         greedy_generate(random_model(), [1, 2], "verify", 4, draft_len=0)
+
+
+# ------------------------------------------------------------------------------------- choosing k (auto)
+def test_expected_tokens_and_the_best_draft_len():
+    from inference.draft_policy import best_draft_len, expected_tokens, predicted_speedup
+
+    assert expected_tokens([0.5, 0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    flat = {m: 1.0 for m in range(1, 6)}
+    assert best_draft_len([0.9] * 4, flat, 0.01) == 4          # free verification, good drafts: draft many
+    assert best_draft_len([0.05] * 4, flat, 0.3) == 1          # bad drafts: one
+    steep = {m: 1.0 + 0.5 * (m - 1) for m in range(1, 6)}       # each verified token costs half a step
+    assert best_draft_len([0.9] * 4, steep, 0.05) < 4
+    assert predicted_speedup([1.0], 1, {1: 1.0, 2: 1.0}, 0.0) == 2.0
+
+
+@pytest.mark.parametrize("module", ["random", "perfect"])
+def test_auto_draft_len_is_lossless_and_follows_acceptance(module):
+    from inference.draft_policy import AutoDraftLen
+
+    model = MODULES[module](random_model())
+    costs = {m: 1.0 + 0.02 * m for m in range(1, 6)}
+    policy = AutoDraftLen(costs, 0.1)
+    got = generate(model, PROMPTS[1], "verify", 40, draft_len=policy)
+    assert got.tokens == reference_standard(model, PROMPTS[1], 40)
+    assert got.stats.draft_len == (4 if module == "perfect" else 1)
+    # and the measured variant runs end to end
+    assert generate(model, PROMPTS[1], "verify", 12, draft_len="auto").tokens == reference_standard(model, PROMPTS[1], 12)
+
+
+def test_draft_vocab_tool_counts_tokenized_shards(tmp_path, capsys):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from inference import draft_vocab
+
+    prefix = str(tmp_path / "shard")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    docs = [[7, 7, 7, 3, 9], [3, 7, 1], [9, 7, 3, 3]]       # counts: 7 -> 5, 3 -> 4, 9 -> 2, 1 -> 1
+    for doc in docs:
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    out = tmp_path / "draft_vocab.safetensors"
+    assert draft_vocab.main(["--data", prefix, "--size", "3", "--output", str(out)]) == 0
+    assert DraftVocab.load(out).token_ids.tolist() == [7, 3, 9]
+    assert "covering 91.7%" in capsys.readouterr().out               # 11 of 12 tokens
+    assert draft_vocab.main(["--data", str(tmp_path / "none"), "--output", str(out)]) == 2
