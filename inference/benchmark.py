@@ -116,7 +116,9 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
     from inference.decoding import generate_batch
     from inference.draft_policy import AutoDraftLen
 
-    base_costs = costs.summary()
+    from inference.step_costs import same_on_every_rank
+
+    base_costs = same_on_every_rank(costs.summary())      # what `auto` decides from: alike on all TP ranks
 
     def run(entry, prompts, n):
         k = entry["draft_len"]

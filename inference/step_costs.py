@@ -99,7 +99,11 @@ def measure(model, prompt: list[int], context_len: int, max_tokens: int, rounds:
     Under tensor parallelism every rank must decide alike, so rank 0's figures are broadcast."""
     costs = StepCosts(model, prompt, context_len, max_tokens, draft_vocab=draft_vocab)
     costs.sample(rounds)
-    summary = costs.summary()
+    return same_on_every_rank(costs.summary())
+
+
+def same_on_every_rank(summary: dict) -> dict:
+    """Rank 0's figures on every rank: timings differ per rank, decisions taken from them must not."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [summary]
         torch.distributed.broadcast_object_list(box, src=0)
