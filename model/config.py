@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -18,6 +21,12 @@ class ModelConfig:
     max_seq_len: int = 256
     recycle_layers: int = 1        # depth N of the recyclable module; 0 gives a plain LM
     rope_theta: float = 10000.0
+    # Rotary frequency scaling of long-context models (model/layers.py::rope_inv_freq): none | linear | llama3.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0         # llama3 only
+    rope_high_freq_factor: float = 4.0        # llama3 only
+    rope_original_max_positions: int = 8192   # llama3 only: the context the model was pretrained with
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
@@ -35,8 +44,23 @@ class ModelConfig:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.recycle_layers < 0:
             problems.append(f"recycle_layers={self.recycle_layers} must be >= 0 (0 = plain LM)")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling={self.rope_scaling!r} is unknown; valid: {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling_factor <= 0 or self.rope_original_max_positions < 1:
+            problems.append("rope_scaling_factor must be > 0 and rope_original_max_positions >= 1")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            problems.append(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                            f"rope_low_freq_factor={self.rope_low_freq_factor}")
         if problems:
             raise ValueError("model config: " + "; ".join(problems))
+
+    @property
+    def rope_scaling_args(self) -> tuple:
+        """Everything the rotary tables depend on besides theta, hashable (tables are cached per value)."""
+        if self.rope_scaling == "none":
+            return ("none",)
+        return (self.rope_scaling, self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_positions)
 
     @property
     def head_dim(self) -> int:

@@ -74,7 +74,7 @@ class RecycleGPT(nn.Module):
         self.lm_head = spec.lm_head(cfg.hidden_size, cfg.vocab_size)
         self.recycle = RecyclableModule(cfg, spec) if cfg.recycle_layers else None
         # +2: the module looks one position ahead, and verify mode feeds two tokens past the last one.
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, cfg.rope_scaling_args)
         self.recycle_weight = 1.0       # lambda
         self.detach_base = False        # True: L_rec trains the module only (frozen or imported base)
         self.activation_checkpointing = False

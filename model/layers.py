@@ -28,16 +28,39 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ("none",)) -> torch.Tensor:
+    """Rotary frequencies theta^(-2j/d), j < d/2, in float64, with the scaling of long-context models:
+
+    - linear (position interpolation): every frequency divided by `factor`.
+    - llama3: wavelengths longer than original_max / low_freq_factor are slowed by `factor`, those shorter than
+      original_max / high_freq_factor are kept, and the band between blends the two linearly in
+      original_max / wavelength (Llama 3.1's published rule).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = scaling[0]
+    if kind == "none":
+        return inv_freq
+    factor = scaling[1]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high, original = scaling[2], scaling[3], scaling[4]
+        periods_in_context = original * inv_freq / (2 * torch.pi)      # original_max / wavelength
+        blend = ((periods_in_context - low) / (high - low)).clamp(0.0, 1.0)   # 0: slow band, 1: fast band
+        return inv_freq / factor * (1 - blend) + inv_freq * blend
+    raise ValueError(f"rope scaling {kind!r} is not implemented; valid: none, linear, llama3")
+
+
 class Rotary(nn.Module):
     """cos/sin tables for rotate-half rotary embeddings (the HF LLaMA convention, so weights map 1:1)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: tuple = ("none",)):
         super().__init__()
-        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         self._build(None)
 
     def _build(self, device):
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos().float().to(device), persistent=False)

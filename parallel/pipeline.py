@@ -34,13 +34,13 @@ from parallel.tensor_parallel import load_init, mark_replicated
 
 
 @functools.cache
-def _rotary(head_dim: int, max_positions: int, theta: float, device: str) -> Rotary:
+def _rotary(head_dim: int, max_positions: int, theta: float, scaling: tuple, device: str) -> Rotary:
     # One cos/sin table per process and device, shared by every layer of the stage (not a parameter).
-    return Rotary(head_dim, max_positions, theta).to(device)
+    return Rotary(head_dim, max_positions, theta, scaling).to(device)
 
 
 def rotary_for(cfg: ModelConfig, device: torch.device) -> Rotary:
-    return _rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, str(device))
+    return _rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, cfg.rope_scaling_args, str(device))
 
 
 class EmbeddingPipe(nn.Module):

@@ -109,7 +109,8 @@ def load(engine, ckpt_dir: Path) -> dict | None:
 
 
 def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu", dtype=None):
-    """(model, tokenizer) from a run directory's `latest` checkpoint, on one device, no process group."""
+    """(model, tokenizer) from a run directory's `latest` checkpoint (or, before any, the weights pretrain.import_hf
+    put in init/), on one device, no process group."""
     from transformers import AutoTokenizer
 
     from model import RecycleGPT
@@ -120,10 +121,15 @@ def load_for_inference(run_dir: str | Path, device: str | torch.device = "cpu", 
     cfg = load_config(str(run_dir / "config.yaml"))
     model_cfg = cfg.model.build()
     tag = latest_tag(checkpoint_dir(run_dir))
-    if tag is None:
+    init = run_dir / "init" / "model.safetensors"       # pretrain.import_hf's start weights, before training
+    if tag is None and init.is_file():
+        from safetensors.torch import load_file
+        state = load_file(str(init))
+    elif tag is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/latest); train first with "
                                 f"python -m pretrain.train --config ... run.dir={run_dir}")
-    state = consolidated_state_dict(checkpoint_dir(run_dir) / tag, model_cfg)
+    else:
+        state = consolidated_state_dict(checkpoint_dir(run_dir) / tag, model_cfg)
     model = RecycleGPT(model_cfg)
     model.load_state_dict(state, strict=True)
     model = model.to(device=device, dtype=dtype).eval()

@@ -9,6 +9,9 @@ import torch
 
 from model.config import ModelConfig
 
+# config.json values of rope_type (transformers' names) -> ours; "default" is plain rotary.
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+
 _LAYER_RENAMES = {
     "input_norm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -78,4 +81,42 @@ def llama_config_kwargs(cfg: ModelConfig) -> dict:
                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                 num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
                 rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                rope_scaling=None if cfg.rope_scaling == "none" else rope_parameters(cfg),
                 attention_bias=False, mlp_bias=False, hidden_act="silu")
+
+
+def rope_fields(hf: dict) -> dict:
+    """ModelConfig's rope_* fields from config.json: `rope_parameters` (transformers 5) or `rope_scaling` +
+    `rope_theta` (transformers 4)."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    params = {**legacy, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)} "
+                         "(ignoring it would silently change the model)")
+    out = {"rope_theta": float(theta), "rope_scaling": ROPE_TYPES[kind]}
+    if kind == "linear":
+        out["rope_scaling_factor"] = float(params["factor"])
+    elif kind == "llama3":
+        try:
+            out.update(rope_scaling_factor=float(params["factor"]),
+                       rope_low_freq_factor=float(params["low_freq_factor"]),
+                       rope_high_freq_factor=float(params["high_freq_factor"]),
+                       rope_original_max_positions=int(params["original_max_position_embeddings"]))
+        except KeyError as err:
+            raise ValueError(f"llama3 rope scaling without {err}") from None
+    return out
+
+
+def rope_parameters(cfg) -> dict:
+    """The inverse of `rope_fields`, for config.json (transformers reads `rope_parameters`, or `rope_scaling`
+    in 4.x; both carry rope_type)."""
+    params = {"rope_type": {v: k for k, v in ROPE_TYPES.items()}[cfg.rope_scaling], "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        params["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        params.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                      original_max_position_embeddings=cfg.rope_original_max_positions)
+    return params

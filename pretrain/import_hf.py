@@ -22,8 +22,10 @@ from dataclasses import fields
 from pathlib import Path
 
 INIT_FILE = Path("init") / "model.safetensors"
+# Tokenizer, special tokens and chat template (transformers 5 writes the template to chat_template.jinja).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
 
 
 class ImportError_(Exception):
@@ -44,10 +46,10 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
     import torch
     from safetensors.torch import save_file
 
-    from inference.loading import ModelLoadError, read_hf_dir
     from model import RecycleGPT
     from pretrain.config import ConfigError, RunConfig, _build, load_config, save_config, validate
     from pretrain.hf_convert import from_hf
+    from pretrain.hf_dir import ModelLoadError, read_hf_dir
 
     hf_dir, output = Path(hf_dir), Path(output)
     if not (hf_dir / "config.json").is_file():

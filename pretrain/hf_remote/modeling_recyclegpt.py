@@ -115,14 +115,16 @@ class RecyclableModule(nn.Module):
         self.linear_in = nn.Linear(2 * d, d, bias=False)
         self.layers = nn.ModuleList(_Layer(c) for _ in range(c.recycle_layers))
         self.final_norm = _RMSNorm(d, c.rms_norm_eps)
-        hd = d // c.num_attention_heads
-        theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e4)
-        self.rope = (float(theta), hd)
+        self.config, self.inv_freq = c, None
 
     def rotary(self, start, length, device):
-        theta, hd = self.rope
-        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-        ang = torch.outer(torch.arange(start, start + length, dtype=torch.float64), inv)
+        if self.inv_freq is None:
+            # The base's own frequencies (rope scaling included), from transformers: the module must rotate
+            # alike. Built on first use, on the CPU: from_pretrained constructs modules on the meta device.
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+            with torch.device("cpu"):
+                self.inv_freq = LlamaRotaryEmbedding(self.config).inv_freq.double()
+        ang = torch.outer(torch.arange(start, start + length, dtype=torch.float64), self.inv_freq)
         ang = torch.cat([ang, ang], -1)
         return ang.cos().float().to(device), ang.sin().float().to(device)
 
