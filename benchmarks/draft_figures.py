@@ -1,0 +1,115 @@
+"""The draft-length figures of docs/inference.md (issue 9): tau and tokens/s for k = 1..K, with and without the
+draft vocabulary, greedy and sampled, at batch 1 and B, with standard and recycle beside them.
+
+    python benchmarks/draft_figures.py --model RUN_DIR --draft-vocab RUN_DIR/draft_vocab.safetensors \\
+        --prompt-corpus assets/corpus/brown.jsonl.zst --output runs/figs/draft_figures.json
+
+Runs `python -m inference.benchmark` once per (temperature, batch size) with every draft length and both
+vocabularies (one process each, so each comparison is side by side under the same load), keeps each run's
+JSON + PNG next to the output, and writes the combined FILE.json, FILE.png and a markdown table (FILE.md).
+Extra arguments after `--` go to every benchmark run (e.g. `-- --new-tokens 48`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_config(args, temperature: float, batch: int, extra: list[str]) -> dict:
+    out = Path(args.output).with_name(f"{Path(args.output).stem}_T{temperature}_B{batch}.json")
+    cmd = [sys.executable, "-m", "inference.benchmark", "--model", args.model, "--prompt-corpus", args.prompt_corpus,
+           "--modes", "standard,recycle,verify", "--draft-len", ",".join(str(k) for k in range(1, args.max_k + 1)),
+           "--batch-size", str(batch), "--temperature", str(temperature), "--threads", "1", "--output", str(out)]
+    if args.draft_vocab:
+        cmd += ["--draft-vocab", args.draft_vocab, "--compare-draft-vocab"]
+    cmd += extra
+    print("$ " + " ".join(cmd[1:]).replace(sys.executable, "python"), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    report = json.loads(out.read_text())
+    report["command"] = "python " + " ".join(cmd[1:])
+    return report
+
+
+def table(reports: list[dict]) -> str:
+    lines = ["| T | batch | entry | k | draft vocab | tokens/s | speedup (best) | predicted | tau | acceptance |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rep in reports:
+        for name, r in rep["modes"].items():
+            acc = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f} %"
+            pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "-"
+            k = r["draft_len"] if r["mode"] == "verify" else "-"
+            lines.append(f"| {rep['temperature']} | {rep['batch_size']} | {name} | {k} | "
+                         f"{'yes' if r['draft_vocab'] else 'no'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
+                         f"({r['speedup_best']:.2f}x) | {pred} | {r['tau']:.2f} | {acc} |")
+    return "\n".join(lines)
+
+
+def plot(reports: list[dict], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(reports), figsize=(4.2 * len(reports), 7), squeeze=False)
+    for col, rep in enumerate(reports):
+        modes = rep["modes"]
+        top, bottom = axes[0][col], axes[1][col]
+        for dv, style in ((False, "o-"), (True, "s--")):
+            pts = sorted((r["draft_len"], r) for r in modes.values() if r["mode"] == "verify" and r["draft_vocab"] == dv)
+            if not pts:
+                continue
+            label = "verify" + (" + draft vocab" if dv else "")
+            top.plot([k for k, _ in pts], [r["tokens_per_s"] for _, r in pts], style, label=label)
+            bottom.plot([k for k, _ in pts], [r["tau"] for _, r in pts], style, label=label)
+        for name, color in (("standard", "#888"), ("recycle", "#3a7")):
+            if name in modes:
+                top.axhline(modes[name]["tokens_per_s"], color=color, ls=":", label=name)
+                bottom.axhline(modes[name]["tau"], color=color, ls=":", label=name)
+        top.set_title(f"T={rep['temperature']}, batch {rep['batch_size']}", fontsize=10)
+        top.set_ylabel("tokens/s (median)")
+        bottom.set_ylabel("tau (tokens per full forward)")
+        bottom.set_xlabel("draft length k")
+        top.legend(fontsize=7)
+    fig.suptitle(f"{reports[0]['model']}: {reports[0]['device']} {reports[0]['dtype']}, 1 thread, "
+                 f"prompts from {Path(reports[0]['prompt_source']).name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python benchmarks/draft_figures.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--draft-vocab")
+    p.add_argument("--prompt-corpus", default="assets/corpus/brown.jsonl.zst")
+    p.add_argument("--max-k", type=int, default=4)
+    p.add_argument("--temperatures", default="0,0.7")
+    p.add_argument("--batch-sizes", default="1,4")
+    p.add_argument("--output", required=True, metavar="FILE.json")
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    if out.suffix != ".json" or not out.parent.is_dir():
+        p.error(f"--output {out}: give a .json file in an existing folder")
+    reports = [run_config(args, float(t), int(b), extra)
+               for b in args.batch_sizes.split(",") for t in args.temperatures.split(",")]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"runs": reports}, indent=2) + "\n")
+    tmp.replace(out)
+    md = table(reports)
+    out.with_suffix(".md").write_text(md + "\n")
+    plot(reports, out.with_suffix(".png"))
+    print(md)
+    print(f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
