@@ -16,6 +16,11 @@ vocabulary). Between repeats it samples the step costs at the mid-generation cac
     speedup    measured tokens/s over standard's (median of repeats; speedup_best: best of repeats)
 
 Writes FILE.json with everything and FILE.png (tokens/s per entry, predicted speedups as markers).
+
+Under torchrun / deepspeed / srun with --tp N every rank runs the same loop on its shard and rank 0 writes
+the report, with `tp`, `world_size` and each rank's peak RSS; `--baseline` (a report at another --tp of
+the same model) adds the TP scaling line (inference/tp_report.py). `--memory-plan` only sizes a preset
+per rank for TP 1/2/4/8 and loads nothing.
 """
 from __future__ import annotations
 
@@ -46,6 +51,12 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--compare-draft-vocab", action="store_true",
                    help="with --draft-vocab: run every verify entry with and without it")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--cost-rounds", type=int, default=60, help="samples of each step cost between repeats (fewer "
+                   "for 7B on a CPU)")
+    p.add_argument("--baseline", metavar="FILE.json", help="a report of the same model at another --tp: adds the "
+                   "TP scaling line")
+    p.add_argument("--memory-plan", action="store_true", help="print and write the memory per rank for --tp "
+                   "1/2/4/8 and exit (loads nothing)")
     return p
 
 
@@ -176,8 +187,8 @@ def compare(results: dict, costs: dict, greedy: bool):
         if res["mode"] == "verify":
             # Lossless means identical tokens (greedy); sampled texts differ run to run by design.
             res["identical_to_standard"] = res["tokens"] == std["tokens"] if greedy else None
-    for res in results.values():
-        del res["tokens"]
+    for res in results.values():          # the first run's rows stay: runs at another --tp must match them
+        res["tokens"] = res["tokens"][0]
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -185,7 +196,7 @@ def print_table(report: dict):
     costs, results = report["step_costs"], report["modes"]
     print(f"{report['model']}  ({report['parameters']['total'] / 1e6:.1f}M params, {report['device']}, "
           f"{report['dtype']}, {report['threads']} threads)  prompt {report['prompt_len']}, {report['new_tokens']} "
-          f"new tokens, batch {report['batch_size']}, temperature {report['temperature']}, {report['repeats']} repeats")
+          f"new tokens, tp {report['tp']}, batch {report['batch_size']}, temperature {report['temperature']}, {report['repeats']} repeats")
     print(f"{'entry':<16}{'k':>5}{'tokens/s':>10}{'speedup':>9}{'best':>7}{'predicted':>10}{'tau':>7}{'accept':>8}"
           f"{'identical':>10}")
     for name, r in results.items():
@@ -215,7 +226,13 @@ def plot(report: dict, path: Path):
     lo = [med[i] - min(results[n]["tokens_per_s_runs"]) for i, n in enumerate(names)]
     hi = [max(results[n]["tokens_per_s_runs"]) - med[i] for i, n in enumerate(names)]
     colors = {"standard": "#888", "recycle": "#3a7", "verify": "#37a"}
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+    scaling = len(report.get("tp_scaling") or {}) > 1
+    fig, axes = plt.subplots(1, 2 if scaling else 1, figsize=(max(6, 0.9 * len(names)) + (5 if scaling else 0), 4),
+                             squeeze=False)
+    ax = axes[0][0]
+    if scaling:
+        from inference.tp_report import plot_scaling
+        plot_scaling(axes[0][1], report)
     ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors[results[n]["mode"]] for n in names])
     std = results.get("standard", {}).get("tokens_per_s")
     for i, n in enumerate(names):
@@ -230,8 +247,8 @@ def plot(report: dict, path: Path):
         ax.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("tokens/s (median, min-max)")
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax.set_title(f"{report['model']}, {report['device']} {report['dtype']}, batch {report['batch_size']}, "
-                 f"T={report['temperature']}", fontsize=9)
+    ax.set_title(f"{report['model']}, {report['device']} {report['dtype']}, tp {report.get('tp', 1)}, batch "
+                 f"{report['batch_size']}, T={report['temperature']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -242,7 +259,7 @@ def main(argv=None) -> int:
     modes = parse_modes(args.modes)
     draft_lens = list(dict.fromkeys(parse_draft_len(t.strip(), args.max_draft_len) for t in args.draft_len.split(",")))
     sampling = sampling_from_args(args)
-    for name in ("prompt_len", "new_tokens", "repeats", "batch_size"):
+    for name in ("prompt_len", "new_tokens", "repeats", "batch_size", "cost_rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if args.compare_draft_vocab and not args.draft_vocab:
@@ -253,15 +270,47 @@ def main(argv=None) -> int:
     if out.suffix != ".json" or not out.parent.is_dir():
         raise UsageError(f"--output {out}: give a .json file in an existing folder")
     check_model_args(args)
+    from inference import tp_loading, tp_report
+
+    baseline = tp_report.read_baseline(args.baseline)
+    if args.memory_plan:
+        return write_memory_plan(args, out)
 
     import torch
-
-    from inference.step_costs import StepCosts
 
     if args.threads:
         torch.set_num_threads(args.threads)
     max_k = max([k for k in draft_lens if k != "auto"] + [args.max_draft_len if "auto" in draft_lens else 1])
     model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + max_k + 1)
+    try:
+        return benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, tokenizer, device, dtype,
+                         description)
+    finally:
+        tp_loading.finish()
+
+
+def write_memory_plan(args, out: Path) -> int:
+    from inference.loading import parse_dtype
+    from inference.tp_report import memory_plan, print_plan
+
+    dtype = args.dtype or "bf16"
+    plan = memory_plan(args.model_config, parse_dtype(dtype), args.prompt_len + args.new_tokens + 2)
+    name = args.preset or args.model
+    print_plan(name, dtype, plan)
+    out.write_text(json.dumps({"model": name, "dtype": dtype, "memory_plan": plan}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, tokenizer, device, dtype,
+              description) -> int:
+    """Every rank runs this (same prompts, same loop on its TP shard); rank 0 prints and writes."""
+    import torch
+
+    from inference import tp_loading, tp_report
+    from inference.step_costs import StepCosts
+
+    load_peak = tp_loading.peak_rss_bytes()
     if model.recycle is None and set(modes) - {"standard"}:
         raise UsageError("this model has no recyclable module (recycle_layers = 0); use --modes standard")
     if args.prompt_len + args.new_tokens + max_k > model.cfg.max_seq_len:
@@ -278,8 +327,8 @@ def main(argv=None) -> int:
     todo = entries(modes, draft_lens, with_vocab)
     context = args.prompt_len + args.new_tokens // 2                          # the mid-generation length
     costs = StepCosts(model, prompts[0], context, max_k + 1, batch=args.batch_size, draft_vocab=draft_vocab)
-    costs.sample(10)                         # before the runs: what --draft-len auto decides from
-    results = run_entries(model, batches, todo, args.new_tokens, sampling, draft_vocab, costs)
+    costs.sample(min(10, args.cost_rounds))  # before the runs: what --draft-len auto decides from
+    results = run_entries(model, batches, todo, args.new_tokens, sampling, draft_vocab, costs, args.cost_rounds)
     summary = costs.summary()
     compare(results, summary, sampling.greedy)
     report = {"model": description, "parameters": model.cfg.num_parameters(), "config": model.cfg.to_dict(),
@@ -290,8 +339,13 @@ def main(argv=None) -> int:
               "new_tokens": args.new_tokens, "repeats": args.repeats, "batch_size": args.batch_size,
               "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
               "seed": args.seed, "draft_vocab": args.draft_vocab, "draft_vocab_size": len(draft_vocab or []),
-              "modes": results, "step_costs": summary}
+              "modes": results, "step_costs": summary, "tp": args.tp,
+              "world_size": tp_loading.launcher_world_size(), "per_rank": tp_report.rank_memory(load_peak)}
+    if not tp_loading.is_rank0():
+        return 0
+    report["tp_scaling"] = tp_report.scaling(report, baseline)
     print_table(report)
+    tp_report.print_tp_lines(report)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)

@@ -7,6 +7,7 @@ so both commands accept the same flags.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,9 @@ def run_main(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except (UsageError, DecodingError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under a launcher every rank meets the same bad input: one line, from rank 0.
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -92,6 +95,8 @@ def load_draft_vocab(args, model):
     except ValueError as err:
         raise UsageError(f"--draft-vocab: {err}") from None
     return vocab
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks, one per process (default: the launcher's "
+                        "world size; run under torchrun / deepspeed / srun for --tp > 1)")
 
 
 def check_model_args(args):
@@ -116,25 +121,37 @@ def check_model_args(args):
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    from inference import tp_loading
+
+    try:                                    # shapes only: the TP check comes before any process group or weight
+        args.tp = tp_loading.requested_tp(args.tp)
+        args.model_config = tp_loading.model_config(args.model, args.preset)
+        tp_loading.check_tp(args.model_config, args.tp)
+    except tp_loading.TPError as err:
+        raise UsageError(str(err)) from None
 
 
 def model_from_args(args, cache_len: int):
     """(model, tokenizer or None, device, dtype, description) for the validated model flags; `cache_len`
-    (KV-cache positions) only enters the memory check of --random-init presets."""
+    (KV-cache positions) only enters the memory check of --random-init presets. Starts the process groups
+    when --tp > 1 (each rank then holds its shard only)."""
     import torch
 
-    from inference import loading
+    from inference import loading, tp_loading
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     dtype = loading.parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    if args.model:
+    if args.random_init:
+        tp_loading.check_memory(args.model_config, args.preset, dtype, device, cache_len, args.tp)
+    ctx = tp_loading.start(args.tp)
+    if ctx is not None:
+        device = ctx.device
+    if args.model and args.tp == 1:
         model, tokenizer = loading.load_model_dir(args.model, dtype, device)
-        description = args.model
-    else:
-        model = loading.random_init_model(args.preset, dtype, device, args.seed, cache_len)
-        tokenizer = None
-        description = f"preset {args.preset} (random init)"
+    else:       # random init (any tp) and every tp > 1: this rank's shard, built directly
+        model, tokenizer = tp_loading.load_shard(args.model, args.preset, args.seed, dtype, device, args.model_config)
+    description = args.model if args.model else f"preset {args.preset} (random init)"
     if args.tokenizer:
         tokenizer = loading.load_tokenizer(args.tokenizer)
     elif tokenizer is None:

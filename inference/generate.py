@@ -4,9 +4,11 @@
         [--draft-len K|auto] [--temperature T --top-p P --top-k K --seed S] [--draft-vocab FILE]
     python -m inference.generate --model DIR --batch-file prompts.txt --mode verify     # one prompt per line
     python -m inference.generate --preset 125m --random-init --prompt TEXT --mode verify
+    torchrun --nproc-per-node 2 -m inference.generate --model RUN_DIR --tp 2 --prompt TEXT --mode verify
 
 The text goes to stdout (with --batch-file: one block per prompt, in order, separated by a blank line);
 one line of statistics per prompt (tokens/s, full forwards, tau, acceptance) to stderr.
+Under a launcher every rank runs the same decode loop on its tensor-parallel shard; rank 0 alone prints.
 """
 from __future__ import annotations
 
@@ -62,9 +64,20 @@ def main(argv=None) -> int:
     texts = read_prompts(args)
     check_model_args(args)
 
-    from inference.decoding import generate_batch
+    from inference import tp_loading
 
     model, tokenizer, _, _, _ = model_from_args(args, cache_len=args.max_new_tokens + 2)
+    try:
+        return generate(args, model, tokenizer, texts, draft_len, sampling)
+    finally:
+        tp_loading.finish()
+
+
+def generate(args, model, tokenizer, texts, draft_len, sampling) -> int:
+    """Every rank runs this (same prompts, same decode loop and seeded sampling on its shard); rank 0 prints."""
+    from inference import tp_loading
+    from inference.decoding import generate_batch
+
     if tokenizer is None:
         raise UsageError(f"no tokenizer for a {model.cfg.vocab_size}-token vocabulary; pass --tokenizer DIR")
     prompts = [tokenizer.encode(t) for t in texts]
@@ -78,6 +91,8 @@ def main(argv=None) -> int:
     out = generate_batch(model, prompts, args.mode, args.max_new_tokens, eos_id=eos, draft_len=draft_len,
                          sampling=sampling, draft_vocab=load_draft_vocab(args, model),
                          max_auto_draft_len=args.max_draft_len)
+    if not tp_loading.is_rank0():
+        return 0
     blocks = [tokenizer.decode(p + row.tokens, skip_special_tokens=True) for p, row in zip(prompts, out.rows)]
     print("\n\n".join(blocks))
     for row in out.rows:

@@ -1,4 +1,5 @@
-"""Getting a model and tokenizer for decoding: from a run directory, an HF export, or a preset at random init.
+"""Getting a model and tokenizer for decoding on one process: from a run directory or an HF export
+(random init and tensor-parallel shards: inference/tp_loading.py).
 
 Weights are cast parameter by parameter, never with `model.to(dtype)`: that would also cast the rotary
 cos/sin tables, and bf16 tables put visible errors into positions beyond a few hundred.
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model import RecycleGPT, preset
+from model import RecycleGPT
 from pretrain.hf_dir import ModelLoadError, load_hf_dir  # noqa: F401  (ModelLoadError: the CLI catches it)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
@@ -46,42 +47,13 @@ def default_tokenizer(vocab_size: int):
     return load_tokenizer(folder) if (folder / "tokenizer.json").exists() else None
 
 
-# ------------------------------------------------------------------------------------------ random init
-def memory_needed(cfg, dtype: torch.dtype, cache_len: int) -> int:
-    """Bytes for the weights plus both KV caches at batch 1 (activations are small at decode time)."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    kv = 2 * (cfg.num_layers + cfg.recycle_layers) * cfg.num_kv_heads * cfg.head_dim * cache_len
-    return (cfg.num_parameters()["total"] + kv) * size
-
-
+# ------------------------------------------------------------------------------------------ memory
 def memory_available(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def random_init_model(name: str, dtype: torch.dtype, device, seed: int = 0, cache_len: int = 0) -> RecycleGPT:
-    """A preset at its own initialisation, built directly in `dtype` on `device` (a 7B model is never
-    materialised in fp32 on the host). Fails fast when it would not fit in the device's free memory."""
-    cfg = preset(name)
-    device = torch.device(device)
-    need, have = memory_needed(cfg, dtype, cache_len), memory_available(device)
-    if need > 0.9 * have:
-        hint = "--dtype bf16, " if dtype == torch.float32 else ""
-        raise ModelLoadError(f"--preset {name} needs about {need / 2**30:.1f} GiB ({cfg.num_parameters()['total'] / 1e9:.2f}B "
-                             f"parameters in {dtype}) but only {have / 2**30:.1f} GiB is free on {device}; "
-                             f"use {hint}a smaller preset, or a GPU (--device cuda)")
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)        # parameters are born in dtype; rotary tables stay fp32
-        with torch.device(device):
-            model = RecycleGPT(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------ directories

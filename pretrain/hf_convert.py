@@ -35,12 +35,26 @@ def _layer_to_hf(cfg: ModelConfig, ours: dict, prefix_in: str, prefix_out: str) 
     return out
 
 
-def _layer_from_hf(hf: dict, prefix_in: str, prefix_out: str) -> dict:
-    out = {prefix_out + ours: hf[prefix_in + theirs] for ours, theirs in _LAYER_RENAMES.items()}
-    out[prefix_out + "self_attention.linear_qkv.weight"] = torch.cat(
-        [hf[prefix_in + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-    out[prefix_out + "mlp.linear_fc1.weight"] = torch.cat(
-        [hf[prefix_in + "mlp.gate_proj.weight"], hf[prefix_in + "mlp.up_proj.weight"]])
+def _layer_sources(prefix_hf: str, prefix_ours: str) -> dict:
+    out = {prefix_ours + ours: (prefix_hf + theirs,) for ours, theirs in _LAYER_RENAMES.items()}
+    out[prefix_ours + "self_attention.linear_qkv.weight"] = tuple(prefix_hf + f"self_attn.{n}_proj.weight" for n in "qkv")
+    out[prefix_ours + "mlp.linear_fc1.weight"] = (prefix_hf + "mlp.gate_proj.weight", prefix_hf + "mlp.up_proj.weight")
+    return out
+
+
+def hf_sources(cfg: ModelConfig, with_module: bool = True) -> dict[str, tuple[str, ...]]:
+    """{our name: the HF key(s) it is made of}; several keys are concatenated along dim 0 (fused qkv and
+    gate+up, the blocks `parallel.tensor_parallel.tp_layout` splits one by one). One rule for `from_hf` and
+    for loaders that read only a tensor-parallel rank's slices of each HF tensor."""
+    out = {"embedding.weight": ("model.embed_tokens.weight",), "final_norm.weight": ("model.norm.weight",),
+           "lm_head.weight": ("lm_head.weight",)}
+    for i in range(cfg.num_layers):
+        out.update(_layer_sources(f"model.layers.{i}.", f"layers.{i}."))
+    if with_module and cfg.recycle_layers:
+        for name in ("hidden_norm.weight", "embed_norm.weight", "linear_in.weight", "final_norm.weight"):
+            out[f"recycle.{name}"] = (f"recycle.{name}",)
+        for i in range(cfg.recycle_layers):
+            out.update(_layer_sources(f"recycle.layers.{i}.", f"recycle.layers.{i}."))
     return out
 
 
@@ -62,17 +76,9 @@ def to_hf(cfg: ModelConfig, ours: dict) -> tuple[dict, dict]:
 
 def from_hf(cfg: ModelConfig, base: dict, module: dict | None = None) -> dict:
     """Inverse of `to_hf`. Without a module file the module keys are absent (load with strict=False)."""
-    ours = {"embedding.weight": base["model.embed_tokens.weight"],
-            "final_norm.weight": base["model.norm.weight"],
-            "lm_head.weight": base["lm_head.weight"]}
-    for i in range(cfg.num_layers):
-        ours.update(_layer_from_hf(base, f"model.layers.{i}.", f"layers.{i}."))
-    if module:
-        for name in ("hidden_norm.weight", "embed_norm.weight", "linear_in.weight", "final_norm.weight"):
-            ours[f"recycle.{name}"] = module[f"recycle.{name}"]
-        for i in range(cfg.recycle_layers):
-            ours.update(_layer_from_hf(module, f"recycle.layers.{i}.", f"recycle.layers.{i}."))
-    return ours
+    hf = {**base, **(module or {})}
+    return {ours: torch.cat([hf[k] for k in keys]) if len(keys) > 1 else hf[keys[0]]
+            for ours, keys in hf_sources(cfg, with_module=bool(module)).items()}
 
 
 def llama_config_kwargs(cfg: ModelConfig) -> dict:

@@ -20,19 +20,21 @@ class ModelLoadError(Exception):
     """A model or tokenizer could not be loaded; the message names the problem and the fix."""
 
 
-def read_weights(path: Path) -> dict:
-    """The base weights: model.safetensors, a sharded model.safetensors.index.json, or any other *.safetensors."""
-    from safetensors.torch import load_file
-
+def weight_files(path: Path) -> list[str]:
+    """The base weights' files: model.safetensors, a sharded model.safetensors.index.json, or any other *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(f.name for f in path.glob("*.safetensors") if f.name != MODULE_FILE)
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    return sorted(f.name for f in path.glob("*.safetensors") if f.name != MODULE_FILE)
+
+
+def read_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
     tensors = {}
-    for name in files:
+    for name in weight_files(path):
         tensors.update(load_file(str(path / name)))
     return tensors
 
