@@ -40,6 +40,8 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on cpu, bf16 on cuda")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights, prompts and sampling")
+    parser.add_argument("--tp", type=int, help="tensor-parallel ranks, one per process (default: the launcher's "
+                        "world size; run under torchrun / deepspeed / srun for --tp > 1)")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = "1"):
@@ -95,8 +97,6 @@ def load_draft_vocab(args, model):
     except ValueError as err:
         raise UsageError(f"--draft-vocab: {err}") from None
     return vocab
-    parser.add_argument("--tp", type=int, help="tensor-parallel ranks, one per process (default: the launcher's "
-                        "world size; run under torchrun / deepspeed / srun for --tp > 1)")
 
 
 def check_model_args(args):
