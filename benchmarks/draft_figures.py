@@ -21,19 +21,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_config(args, temperature: float, batch: int, extra: list[str]) -> dict:
-    out = Path(args.output).with_name(f"{Path(args.output).stem}_T{temperature}_B{batch}.json")
+def config_output(args, temperature: float, batch: int) -> Path:
+    return Path(args.output).with_name(f"{Path(args.output).stem}_T{temperature}_B{batch}.json")
+
+
+def config_command(args, temperature: float, batch: int, extra: list[str]) -> list[str]:
+    out = config_output(args, temperature, batch)
     cmd = [sys.executable, "-m", "inference.benchmark", "--model", args.model, "--prompt-corpus", args.prompt_corpus,
            "--modes", "standard,recycle,verify", "--draft-len", ",".join(str(k) for k in range(1, args.max_k + 1)),
            "--batch-size", str(batch), "--temperature", str(temperature), "--threads", "1", "--output", str(out)]
     if args.draft_vocab:
         cmd += ["--draft-vocab", args.draft_vocab, "--compare-draft-vocab"]
-    cmd += extra
-    print("$ " + " ".join(cmd[1:]).replace(sys.executable, "python"), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    report = json.loads(out.read_text())
-    report["command"] = "python " + " ".join(cmd[1:])
-    return report
+    return cmd + extra
+
+
+def run_configs(args, configs: list[tuple[float, int]], extra: list[str]) -> list[dict]:
+    """One benchmark process per configuration; with --parallel all at once (on a CPU shared with other jobs
+    this gets through the grid sooner, and every comparison stays inside one process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmds = [config_command(args, t, b, extra) for t, b in configs]
+    procs = []
+    for (t, b), cmd in zip(configs, cmds):
+        print("$ python " + " ".join(cmd[1:]), flush=True)
+        if args.parallel:
+            log = open(config_output(args, t, b).with_suffix(".log"), "w")
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        else:
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    for proc, cmd in zip(procs, cmds):
+        if proc.wait() != 0:
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see its .log")
+    reports = []
+    for (t, b), cmd in zip(configs, cmds):
+        report = json.loads(config_output(args, t, b).read_text())
+        report["command"] = "python " + " ".join(cmd[1:])
+        reports.append(report)
+    return reports
 
 
 def table(reports: list[dict]) -> str:
@@ -93,13 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-k", type=int, default=4)
     p.add_argument("--temperatures", default="0,0.7")
     p.add_argument("--batch-sizes", default="1,4")
+    p.add_argument("--parallel", action="store_true", help="run the configurations at the same time")
     p.add_argument("--output", required=True, metavar="FILE.json")
     args = p.parse_args(argv)
     out = Path(args.output)
     if out.suffix != ".json" or not out.parent.is_dir():
         p.error(f"--output {out}: give a .json file in an existing folder")
-    reports = [run_config(args, float(t), int(b), extra)
-               for b in args.batch_sizes.split(",") for t in args.temperatures.split(",")]
+    configs = [(float(t), int(b)) for b in args.batch_sizes.split(",") for t in args.temperatures.split(",")]
+    reports = run_configs(args, configs, extra)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"runs": reports}, indent=2) + "\n")
     tmp.replace(out)

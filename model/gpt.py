@@ -143,24 +143,13 @@ class RecycleGPT(nn.Module):
         return self.recycle_hidden(h, next_ids, cache.positions, cache)
 
     def draft_step(self, state: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | None = None,
-                   start_pos: int = 0) -> torch.Tensor:
-        """The module run on its own output: the one convention for multi-token drafts (decoding) and
-        the unrolled objective (training, `recycle.train_depth`).
-
-        At position i the module normally reads h_i and E[x_{i+1}]. Past the newest verified position the
-        full model's h_i does not exist yet, so the module's previous state g_{i-1} stands in for it: it
-        plays the same role (W_out g_{i-1} predicts x_{i+1}, as W_out h_i does) and enters through the same
-        input slot (RMSNorm_h, W_proj). `next_ids` is the token x_{i+1} that g_{i-1} predicted (the drafted
-        token in decoding; the true token under teacher forcing in training). Returns g_i, which predicts
-        x_{i+2}, at rotary position i + 1 like every module state.
-
-        state: [B, T, d] (g at positions start_pos-1 .. start_pos+T-2), next_ids: [B, T]. With a cache the
-        position is the cache's length and the new states are appended to it; in decoding the cache then
-        holds states from true h for the verified positions and the draft chain's own states after them
-        (inference/drafting.py rolls the chain back once the full model has verified it).
-        """
-        if cache is not None:
-            start_pos = cache.positions
+                   start_pos: int | None = None) -> torch.Tensor:
+        """One depth of the module: `state` is h (depth 1) or the previous depth's g, `next_ids` the tokens
+        that follow (x_{i+j} at depth j); returns the next depth's g. With a cache (one per depth), positions
+        start at cache.length. Training (`forward` via RecyclableModule.unroll) runs the same step; decoding
+        (inference/drafting.py) keeps one cache per depth. The convention is spelled out in model/recycle.py."""
+        if start_pos is None:
+            start_pos = cache.positions if cache is not None else 0
         return self.recycle_hidden(state, next_ids, start_pos, cache)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:

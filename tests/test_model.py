@@ -77,26 +77,26 @@ def test_kv_cache_rollback_then_rewrite():
     torch.testing.assert_close(h, h_full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
-def test_draft_step_chains_the_module_on_its_own_states():
-    # Verified positions 0..5 from true h, then a chain of three draft steps from the module's own
-    # states. Cache-free reference: one module pass whose inputs at positions 6.. are the previous g.
+def test_draft_step_depths_with_their_own_caches_equal_a_cache_free_unroll():
+    # Depth j at position i reads g^(j-1)_i and E[x_{i+j}] and attends to depth-j states 0..i (model/recycle.py).
+    # Decoded incrementally, one cache per depth, in uneven chunks, it must equal one pass per depth.
     model = make_model()
-    ids = tokens(length=10)
+    ids = tokens(length=12)
     with torch.no_grad():
-        base_cache, module_cache = model.new_caches(batch=2, max_len=12)
-        h = model.base_step(ids[:, :6], base_cache)
-        g = model.module_step(h, ids[:, 1:7], module_cache)
-        states, chain = [h], []
-        for i in range(6, 9):
-            g = model.draft_step(g[:, -1:], ids[:, i + 1:i + 2], module_cache)
-            chain.append(g)
-        inputs = torch.cat([h, torch.zeros_like(h[:, :3])], dim=1)
-        for _ in range(3):      # fixed point: each pass makes one more chain input correct
-            ref = model.recycle_hidden(inputs, ids[:, 1:10])
-            inputs = torch.cat([h, ref[:, 5:8]], dim=1)
-        ref = model.draft_step(inputs, ids[:, 1:10])
-    assert module_cache.length == 9
-    torch.testing.assert_close(torch.cat(chain, 1), ref[:, 6:9], atol=1e-5, rtol=1e-5)
+        h = model.hidden(ids)
+        ref = [h[:, :9]]
+        for j in (1, 2, 3):
+            ref.append(model.draft_step(ref[-1], ids[:, j:9 + j]))
+        caches = [model.new_caches(batch=2, max_len=12)[1] for _ in range(3)]
+        got = [[], [], []]
+        for a, b in [(0, 4), (4, 5), (5, 8), (8, 9)]:
+            state = h[:, a:b]
+            for j in (1, 2, 3):
+                state = model.draft_step(state, ids[:, a + j:b + j], caches[j - 1])
+                got[j - 1].append(state)
+    assert [c.length for c in caches] == [9, 9, 9]
+    for j in (1, 2, 3):
+        torch.testing.assert_close(torch.cat(got[j - 1], 1), ref[j], atol=1e-5, rtol=1e-5)
 
 
 def reference_recycle_loss(model, ids, input_shift=1, target_shift=2):
