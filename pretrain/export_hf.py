@@ -1,11 +1,15 @@
 """python -m pretrain.export_hf --checkpoint RUN_DIR --output HF_DIR [--tag step_N] [--dtype fp32|bf16] [--force]
+    [--vllm]
 
 Consolidates one checkpoint tag (default: `latest`) on one process and writes a Hugging Face folder:
 
     model.safetensors            the base as LlamaForCausalLM weights (vanilla transformers loads it)
+    model.safetensors.index.json names model.safetensors alone, so vLLM leaves the module's file out
     recycle_module.safetensors   the recyclable module (keys recycle.*)
     config.json                  LlamaConfig + recycle_layers + auto_map -> RecycleGPTForCausalLM
     generation_config.json, tokenizer files, modeling_recyclegpt.py (remote code)
+    with --vllm also: vllm_draft/ (the module as vLLM's MTP draft) and vllm_speculative_config.json
+                                 (pretrain/vllm_export.py; docs/serving.md)
 
 Everything is written to a temporary folder next to HF_DIR and renamed at the end, so HF_DIR is never
 half-written. Errors are one line on stderr, exit code 2.
@@ -46,8 +50,10 @@ def hf_config(cfg, dtype: str, tokenizer=None) -> dict:
     return conf
 
 
-def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | None):
-    """Write an HF folder for our one-device state dict `state` into `tmp` (an empty directory)."""
+def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | None,
+                 vllm_output: Path | None = None, vllm_draft_tokens: int = 1):
+    """Write an HF folder for our one-device state dict `state` into `tmp` (an empty directory); with
+    `vllm_output` (the folder `tmp` becomes) also the vLLM draft and its speculative config."""
     import torch
     from safetensors.torch import save_file
 
@@ -55,8 +61,13 @@ def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | 
 
     cast = torch.bfloat16 if dtype == "bf16" else torch.float32
     base, module = to_hf(cfg, state)
-    save_file({k: v.to(cast).contiguous() for k, v in base.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    base = {k: v.to(cast).contiguous() for k, v in base.items()}
+    save_file(base, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    # Loaders that read every *.safetensors of a folder (vLLM) would take the module's file for base
+    # weights; an index naming model.safetensors alone keeps them to the base.
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in base.values())},
+             "weight_map": {k: "model.safetensors" for k in sorted(base)}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if module:
         save_file({k: v.to(cast).contiguous() for k, v in module.items()}, str(tmp / MODULE_FILE),
                   metadata={"format": "pt"})
@@ -67,7 +78,12 @@ def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | 
                 shutil.copy2(f, tmp / f.name)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, tokenizer), indent=2, sort_keys=True))
+    conf = hf_config(cfg, dtype, tokenizer)
+    if vllm_output is not None:
+        from pretrain.vllm_export import mtp_fields, write_vllm_files
+        conf.update(mtp_fields(cfg))
+        write_vllm_files(tmp, vllm_output, cfg, module, conf, cast, vllm_draft_tokens)
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
     gen = {"do_sample": False, "max_length": cfg.max_seq_len}
     if tokenizer is not None:
         gen.update({k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -92,7 +108,8 @@ def check_output(output: Path, force: bool):
         raise ExportError(f"output {output} exists and is not empty; pass --force to replace it")
 
 
-def export(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp32", force: bool = False) -> Path:
+def export(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp32", force: bool = False,
+           vllm: bool = False) -> Path:
     from model.config import ModelConfig  # noqa: F401  (import check before any work)
     from pretrain.checkpoint import checkpoint_dir, latest_tag
     from pretrain.config import ConfigError, load_config
@@ -112,16 +129,25 @@ def export(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp
         raise ExportError(f"checkpoint tag {tag} not found in {ckpt}; available: {', '.join(have) or 'none'}")
     check_output(output, force)
     try:
-        cfg = load_config(str(run_dir / "config.yaml")).model.build()
+        run_cfg = load_config(str(run_dir / "config.yaml"))
+        cfg = run_cfg.model.build()
     except (ConfigError, ValueError) as err:
         raise ExportError(f"{run_dir}/config.yaml: {err}") from None
+    # vLLM drafts as many tokens per step as the module was trained to chain (recycle.train_depth).
+    draft_tokens = int(getattr(run_cfg.recycle, "train_depth", 1) or 1)
+    if vllm:
+        from pretrain.vllm_export import VLLMExportError, check_exportable
+        try:
+            check_exportable(cfg)
+        except VLLMExportError as err:
+            raise ExportError(str(err)) from None
     state = consolidated_state_dict(ckpt / tag, cfg)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_hf_dir(tmp, cfg, state, dtype, run_dir / "tokenizer")
+        write_hf_dir(tmp, cfg, state, dtype, run_dir / "tokenizer", output if vllm else None, draft_tokens)
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: latest)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--force", action="store_true", help="replace a non-empty HF_DIR")
+    p.add_argument("--vllm", action="store_true",
+                   help="also write the module as vLLM's speculative draft (HF_DIR/vllm_draft, "
+                        "HF_DIR/vllm_speculative_config.json); see docs/serving.md")
     args = p.parse_args(argv)
     try:
-        out = export(Path(args.checkpoint), Path(args.output), args.tag, args.dtype, args.force)
+        out = export(Path(args.checkpoint), Path(args.output), args.tag, args.dtype, args.force, args.vllm)
     except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
