@@ -42,6 +42,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights, prompts and sampling")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks, one per process (default: the launcher's "
                         "world size; run under torchrun / deepspeed / srun for --tp > 1)")
+    parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
+                        help="torch.compile the decode steps; reduce-overhead = CUDA graphs on a GPU (off: eager; "
+                        "on a CPU compiling was measured slower, docs/inference.md)")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = "1"):
@@ -151,6 +154,8 @@ def model_from_args(args, cache_len: int):
         model, tokenizer = loading.load_model_dir(args.model, dtype, device)
     else:       # random init (any tp) and every tp > 1: this rank's shard, built directly
         model, tokenizer = tp_loading.load_shard(args.model, args.preset, args.seed, dtype, device, args.model_config)
+    from inference.compiled import compile_steps
+    compile_steps(model, args.compile)
     description = args.model if args.model else f"preset {args.preset} (random init)"
     if args.tokenizer:
         tokenizer = loading.load_tokenizer(args.tokenizer)

@@ -86,7 +86,7 @@ def trained(tmp_path_factory, small_prefix):  # noqa: F811
     base = tmp_path_factory.mktemp("tp")
     run = base / "run"
     cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *TP4, f"data.prefixes=[{small_prefix}]",
-        f"run.dir={run}", "train.steps=4", env={"OMP_NUM_THREADS": "1"})
+        f"run.dir={run}", "train.steps=4", env={"OMP_NUM_THREADS": "1"}, timeout=1200)
     assert export_main(["--checkpoint", str(run), "--output", str(base / "hf")]) == 0
     threads = torch.get_num_threads()
     try:
@@ -230,3 +230,24 @@ def test_tp2_from_a_checkpoint_trained_at_tp2_pp2(small_prefix, tmp_path):  # no
         torch.set_num_threads(threads)
     ref = json.loads((tmp_path / "tp1.json").read_text())
     assert tokens(bench_tp(run, 2, tmp_path / "tp2.json")) == tokens(ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_compiled_decode_steps_on_cuda_keep_the_tokens(compile_mode):
+    """--compile on a GPU (CUDA graphs with reduce-overhead): the same greedy tokens as eager, in every mode."""
+    from inference.compiled import compile_steps
+    from inference.decoding import generate
+    from inference.tp_loading import empty_model, fill, random_tensors
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+                      max_seq_len=64, recycle_layers=1)
+    eager = empty_model(cfg, torch.float32, "cuda")
+    fill(eager, random_tensors(cfg, 0), cfg, 0, 1, full=True)
+    compiled = empty_model(cfg, torch.float32, "cuda")
+    compiled.load_state_dict(eager.state_dict())
+    compile_steps(compiled, compile_mode)
+    prompt = list(range(3, 19))
+    for mode in ("standard", "recycle", "verify"):
+        assert generate(compiled, prompt, mode, 12).tokens == generate(eager, prompt, mode, 12).tokens, mode
