@@ -38,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m slurm.submit", description=__doc__.splitlines()[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="Details: docs/slurm.md")
-    p.add_argument("--config", required=True, help="run config, e.g. configs/7b.yaml")
+    p.add_argument("--config", help="run config, e.g. configs/7b.yaml (training jobs)")
+    p.add_argument("--job", choices=["train", "benchmark"], default="train",
+                   help="train (default), or the generation benchmark with its flags after -- (slurm/benchmark_job.py)")
+    p.add_argument("--output-dir", help="--job benchmark: where the JSON, PNG, job script and log go")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True,
                    help="GPUs per node; one task (process) per GPU. 0: CPU-only nodes (gloo), see --tasks-per-node")
@@ -231,6 +234,12 @@ def _unique_stem(slurm_dir: Path) -> str:
 def validate(args) -> dict:
     """Every check, nothing written: the resolved config and the values the script is rendered from."""
     tasks = check_args(args)
+    if args.job == "benchmark":
+        from slurm import benchmark_job
+        return dict(job="benchmark", args=args, tasks=tasks,
+                    **benchmark_job.validate(args, tasks, _world_size_env, check_path, SubmitError))
+    if not args.config:
+        raise SubmitError("--config is required for a training job (e.g. --config configs/tiny.yaml)")
     world = args.nodes * tasks
     layout = (f"world size {world} = {args.nodes} node(s) x {tasks} "
               f"{'GPUs' if args.gpus_per_node else 'tasks'} per node")
@@ -247,6 +256,8 @@ def write(plan: dict, argv: list[str]) -> tuple[Path, str]:
     """Write RUN_DIR/slurm/<stem>.yaml (frozen config) and <stem>.sbatch from validate()'s plan."""
     from pretrain.config import load_config
 
+    if plan.get("job") == "benchmark":
+        return _write_benchmark(plan, argv)
     args, cfg = plan["args"], plan["cfg"]
     slurm_dir = plan["run_dir"] / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +275,18 @@ def write(plan: dict, argv: list[str]) -> tuple[Path, str]:
                   account=args.account, time_limit=args.time, signal_seconds=args.signal_seconds,
                   requeue=args.requeue, env=args.env, sbatch_options=args.sbatch_option)
     script = slurm_dir / f"{stem}.sbatch"
+    _write_atomic(script, text, mode=0o755)
+    return script, text
+
+
+def _write_benchmark(plan: dict, argv: list[str]) -> tuple[Path, str]:
+    from slurm import benchmark_job
+
+    out = plan["output_dir"]
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(("python -m slurm.submit " + shlex.join(argv)).split())
+    text = benchmark_job.render(plan, plan["args"], plan["tasks"], command)
+    script = out / f"{_unique_stem(out)}.sbatch"
     _write_atomic(script, text, mode=0o755)
     return script, text
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,44 @@ def test_compiled_decode_steps_on_cuda_keep_the_tokens(compile_mode):
     prompt = list(range(3, 19))
     for mode in ("standard", "recycle", "verify"):
         assert generate(compiled, prompt, mode, 12).tokens == generate(eager, prompt, mode, 12).tokens, mode
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+def test_slurm_benchmark_job_checks_the_flags_for_its_world_size(tmp_path, capsys):
+    from slurm.submit import main as submit
+
+    common = ["--job", "benchmark", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "3", "--dry-run"]
+    assert submit([*common, "--output-dir", str(tmp_path), "--", "--preset", "tiny", "--random-init"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tp 3 does not divide" in err[0] and "world size 3" in err[0], err
+    assert submit([*common[:-3], "--tasks-per-node", "2", "--dry-run", "--", "--preset", "tiny", "--random-init"]) == 2
+    assert "needs --output-dir" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                                  # nothing written on bad input
+
+
+@pytest.mark.slow
+def test_slurm_benchmark_job_runs_two_tasks_on_the_cluster(tmp_path):
+    from test_slurm import TERMINAL, _cluster_state, job_info
+
+    why = _cluster_state()
+    if why:
+        pytest.skip(why)
+    out = subprocess.run([sys.executable, "-m", "slurm.submit", "--job", "benchmark", "--nodes", "1", "--gpus-per-node",
+                          "0", "--tasks-per-node", "2", "--time", "00:10:00", "--output-dir", str(tmp_path), "--",
+                          "--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "8", "--repeats",
+                          "1", "--cost-rounds", "2"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split("submitted job ")[1].split()[0]
+    try:
+        deadline = time.monotonic() + 400
+        while job_info(job_id).get("JobState") not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(2)
+        info = job_info(job_id)
+        log = (tmp_path / f"job_{job_id}.out").read_text() if (tmp_path / f"job_{job_id}.out").exists() else ""
+        assert info.get("JobState") == "COMPLETED", f"{info}\n{log[-3000:]}"
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+    report = json.loads((tmp_path / f"benchmark_{job_id}.json").read_text())
+    assert report["tp"] == 2 and report["world_size"] == 2 and len(report["per_rank"]) == 2
+    assert (tmp_path / f"benchmark_{job_id}.png").is_file()
