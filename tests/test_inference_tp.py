@@ -35,7 +35,7 @@ def clean_env() -> dict:
     return env
 
 
-def launch(nproc: int, args: list[str], launcher: str = "env", timeout: int = 400) -> str:
+def launch(nproc: int, args: list[str], launcher: str = "env", timeout: int = 900) -> str:
     """`python -m ARGS` as nproc ranks: "torchrun" (the real one), "env" (RANK/WORLD_SIZE/... as torchrun and the
     deepspeed launcher set them), "srun" (SLURM_* only). Returns rank 0's stdout; fails with every rank's tail."""
     if launcher == "torchrun":
