@@ -3,12 +3,13 @@
     tokens -> E -> N_base decoder layers -> final RMSNorm -> h -> W_out -> logits (predict x_{i+1})
     (h_i, E[x_{i+1}]) -> recyclable module -> g_i -> W_out -> logits (predict x_{i+2})
 
-Training loss: L = L_lm + lambda * L_rec, both token means. Decoding uses `base_step` / `module_step`
-with one KV cache each (inference/ alternates them).
+Training loss: L = L_lm + lambda * L_rec, both token means (model/objective.py, also for the module's deeper
+draft depths and the base-distribution target). Decoding uses `base_step` / `module_step` with one KV cache
+each (inference/ alternates them); `draft_step` applies the module to its own state (model/recycle.py).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -16,34 +17,9 @@ from torch import nn
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import DecoderLayer, RMSNorm, Rotary, run_stack
+from model.objective import RecycleObjective
 from model.recycle import RecyclableModule
 from model.spec import LocalSpec
-
-
-class LossOutput(NamedTuple):
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    recycle_loss: torch.Tensor | None
-
-
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return per_token.mean()
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
-
-
-def recycle_objective(spec, lm_logits, rec_logits, labels, loss_mask, recycle_weight: float) -> LossOutput:
-    """L_lm over every position; L_rec at position i targets labels[i+1] = x_{i+2}, so the last drops out.
-
-    Shared by the one-device model and the pipeline's last stage so both compute the same numbers.
-    """
-    lm_loss = masked_mean(spec.cross_entropy(lm_logits, labels), loss_mask)
-    if rec_logits is None:
-        return LossOutput(lm_loss, lm_loss, None)
-    rec_tokens = spec.cross_entropy(rec_logits[:, :-1], labels[:, 1:])
-    rec_loss = masked_mean(rec_tokens, None if loss_mask is None else loss_mask[:, 1:])
-    return LossOutput(lm_loss + recycle_weight * rec_loss, lm_loss, rec_loss)
 
 
 @torch.no_grad()
@@ -75,8 +51,8 @@ class RecycleGPT(nn.Module):
         self.recycle = RecyclableModule(cfg, spec) if cfg.recycle_layers else None
         # +2: the module looks one position ahead, and verify mode feeds two tokens past the last one.
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, cfg.rope_scaling_args)
-        self.recycle_weight = 1.0       # lambda
-        self.detach_base = False        # True: L_rec trains the module only (frozen or imported base)
+        self.objective = RecycleObjective()   # lambda, target, train depth (pretrain's recycle.* keys)
+        self.detach_base = False        # True: the base is frozen and runs without autograd (freeze_base)
         self.activation_checkpointing = False
         self.reset_parameters()
 
@@ -103,15 +79,20 @@ class RecycleGPT(nn.Module):
         return self.recycle(h, self.embedding(next_ids), self.rotary, start_pos, cache)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None):
-        """Training loss. labels[i] = x_{i+1}; the module at i reads E[labels[i]] and targets labels[i+1]."""
+        """Training loss. labels[i] = x_{i+1}; the module at i reads E[labels[i]] and targets labels[i+1]
+        (depth j: reads E[labels[i+j-1]], targets labels[i+j])."""
         self.recycle_activation_checkpointing()
-        h = self.hidden(input_ids)
-        lm_logits = self.lm_head(h)
-        rec_logits = None
+        # A frozen base needs no graph: no activations stored, no autograd bookkeeping; only the module's
+        # path (its layers and the LM head applied to g) builds one.
+        with torch.no_grad() if self.detach_base else nullcontext():
+            h = self.hidden(input_ids)
+            lm_logits = self.lm_head(h)
+            next_embeds = self.embedding(labels) if self.recycle is not None else None
+        rec_logits = []
         if self.recycle is not None:
-            g = self.recycle_hidden(h.detach() if self.detach_base else h, labels)
-            rec_logits = self.lm_head(g)
-        return recycle_objective(self.spec, lm_logits, rec_logits, labels, loss_mask, self.recycle_weight)
+            states = self.recycle.unroll(h, next_embeds, self.rotary, self.objective.depth)
+            rec_logits = [self.lm_head(g) for g in states]
+        return self.objective(self.spec, lm_logits, rec_logits, labels, loss_mask)
 
     def recycle_activation_checkpointing(self):
         if self.recycle is not None:

@@ -7,6 +7,19 @@ model just predicted, x_{i+1}, and predicts x_{i+2}:
     g_i = RMSNorm_r( N causal decoder layers over u_0 .. u_i, rotary position i + 1 )
 
 The embedding E and the LM head W_out belong to the full model and are passed in, not owned here.
+
+Drafting several tokens (recycle.train_depth k, and `verify --draft-len k`) applies the same module to its
+own output state. One step of the module is always `forward(state, E[next token])`: `state` is h_i at depth 1
+and the previous depth's g at deeper depths, and it goes through RMSNorm_h either way. Depth by depth:
+
+    g^(1)_i   = M(h_i,          E[x_{i+1}])     predicts x_{i+2}
+    g^(j+1)_i = M(g^(j)_i,      E[x_{i+j+1}])   predicts x_{i+j+2}
+
+Each depth is its own causal sequence: g^(j)_i attends over the depth-j states of positions 0..i (as
+DeepSeek-V3's MTP depths do), rotary position i + 1 at every depth (attention only sees differences). So a
+decoder that drafts k tokens keeps one module KV cache per depth; the depth-j cache holds depth-j states of
+the positions before i, computed from the committed tokens, or from drafted tokens where those are not
+committed yet (the drafts of this cycle, rolled back with them). `unroll` below is the training side.
 """
 from __future__ import annotations
 
@@ -38,3 +51,17 @@ class RecyclableModule(nn.Module):
         cos, sin = rotary(start_pos + 1 if isinstance(start_pos, int) else [p + 1 for p in start_pos], T)
         u = run_stack(self.layers, u, cos, sin, cache, self.activation_checkpointing)
         return self.final_norm(u)
+
+    def unroll(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary, depth: int) -> list[torch.Tensor]:
+        """Training: the module's states at depths 1..depth for a whole sequence (one `forward` per depth).
+
+        h, next_embeds: [B, T, d], next_embeds[:, i] = E[x_{i+1}]. Returns [g^(1), .., g^(depth)] with
+        g^(j): [B, T-j, d] for positions 0..T-j-1 (the last j positions have no target x_{i+j+1} in the
+        sequence, so they are never computed)."""
+        T = h.shape[1]
+        states, state = [], h[:, :T - 1]
+        for j in range(1, depth + 1):
+            state = self(state, next_embeds[:, j - 1:T - 1], rotary)
+            states.append(state)
+            state = state[:, :-1]
+        return states

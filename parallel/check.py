@@ -20,6 +20,7 @@ import torch
 
 from model.config import ModelConfig
 from model.gpt import RecycleGPT
+from model.objective import RecycleObjective
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
                   max_seq_len=32, recycle_layers=2)
@@ -60,10 +61,11 @@ def global_micro_batches(step: int, global_batch: int, micro: int, seq: int, voc
 
 
 def reference_run(steps: int, global_batch: int, micro: int, seq: int, cfg: ModelConfig = CFG,
-                  detach_base: bool = False) -> dict:
+                  detach_base: bool = False, objective: RecycleObjective = RecycleObjective()) -> dict:
     """The one-process result with DeepSpeed's semantics: loss / n_micro per micro-batch, clip, step."""
     torch.manual_seed(SEED)
     model = RecycleGPT(cfg)
+    model.objective = objective
     if detach_base:
         model.freeze_base()
     opt, losses = make_optimizer(model), []
@@ -72,11 +74,11 @@ def reference_run(steps: int, global_batch: int, micro: int, seq: int, cfg: Mode
     for step in range(steps):
         batches = global_micro_batches(step, global_batch, micro, seq, cfg.vocab_size)
         opt.zero_grad(set_to_none=True)
-        acc = torch.zeros(3, dtype=torch.float64)
+        acc = 0
         for b in batches:
             out = model(b["tokens"], b["labels"], b["loss_mask"])
             (out.loss / len(batches)).backward()
-            acc += torch.tensor([out.loss.item(), out.lm_loss.item(), out.recycle_loss.item()], dtype=torch.float64)
+            acc = acc + out.vector().double()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         if step == 0:
             result["grad_norm"] = float(norm)
@@ -90,7 +92,7 @@ def reference_run(steps: int, global_batch: int, micro: int, seq: int, cfg: Mode
     with torch.no_grad():
         evals = [model(b["tokens"], b["labels"], b["loss_mask"])
                  for b in global_micro_batches(steps, global_batch, micro, seq, cfg.vocab_size)]
-    result["eval"] = [sum(float(getattr(o, k)) for o in evals) / len(evals) for k in ("loss", "lm_loss", "recycle_loss")]
+    result["eval"] = (sum(o.vector().double() for o in evals) / len(evals)).tolist()
     result["logits"], result["recycle_logits"] = reference_logits(cfg)
     return result
 
@@ -107,7 +109,8 @@ def _probe(engine, param, record: dict):
 
 def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro: int, seq: int,
                save_dir: Path | None = None, detach_base: bool = False, activation_checkpointing: bool = False,
-               bf16: bool = False, resume_at: int | None = None, scratch: Path | None = None) -> dict:
+               bf16: bool = False, resume_at: int | None = None, scratch: Path | None = None,
+               objective: RecycleObjective = RecycleObjective()) -> dict:
     """Train `steps` steps under one layout; with `resume_at`, save a DeepSpeed checkpoint after that many
     steps, drop the engine, build a fresh one (other seed) and continue from the checkpoint."""
     from megatron.core import parallel_state as ps
@@ -123,7 +126,7 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
                           precision="bf16" if bf16 else "fp32")
 
     def new_engine(seed):
-        return build_engine(CFG, dims, ds, seed, detach_base=detach_base,
+        return build_engine(CFG, dims, ds, seed, detach_base=detach_base, objective=objective,
                             activation_checkpointing=activation_checkpointing,
                             optimizer_factory=make_optimizer, scheduler_factory=make_scheduler)
 
@@ -151,13 +154,13 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
         batches = global_micro_batches(step, global_batch, micro, seq, CFG.vocab_size)
         mine = batches[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas]
         out = train_batch(engine, mine)
-        record["losses"].append([float(out.loss), float(out.lm_loss), float(out.recycle_loss)])
+        record["losses"].append(out.vector().tolist())
         if step == 0:
             norm = engine.get_global_grad_norm()
             record["grad_norm"] = None if norm is None else float(norm)
     batches = global_micro_batches(steps, global_batch, micro, seq, CFG.vocab_size)   # unseen: evaluation
     ev = eval_batch(engine, batches[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas])
-    record["eval"] = [float(ev.loss), float(ev.lm_loss), float(ev.recycle_loss)]
+    record["eval"] = ev.vector().tolist()
     if save_dir is not None:
         engine.save_checkpoint(str(save_dir), tag="final")
         if zero != 3:                          # ZeRO-3 parameters are partitioned flat; no per-name shards
@@ -190,7 +193,11 @@ def compare(records: list[dict], ref: dict, cfg: ModelConfig = CFG) -> dict:
     """Max relative differences of every rank's losses, and of the gathered embedding gradient."""
     from parallel.tensor_parallel import unshard_tensor
     out = {}
-    for name, col in (("loss", 0), ("lm_loss", 1), ("recycle_loss", 2)):
+    width = len(ref["losses"][0])
+    if any(len(s) != width for r in records for s in r["losses"]):
+        raise ValueError(f"the runs logged different numbers of losses than the reference ({width})")
+    names = ["loss", "lm_loss", "recycle_loss"] + [f"recycle_loss_d{j}" for j in range(2, width - 1)]
+    for col, name in enumerate(names):
         out[name] = max(rel_diff([s[col] for s in r["losses"]], [s[col] for s in ref["losses"]]) for r in records)
     if all("eval" in r for r in records) and "eval" in ref:
         out["eval"] = max(rel_diff(r["eval"], ref["eval"]) for r in records)
@@ -227,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--save", action="store_true", help="also write a DeepSpeed checkpoint per ZeRO stage")
     p.add_argument("--detach-base", action="store_true", help="train only the recyclable module")
+    p.add_argument("--target", default="tokens", help="recycle.target: tokens, base or mix (mix 0.5)")
+    p.add_argument("--train-depth", type=int, default=1, help="recycle.train_depth")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--resume-at", type=int, help="save after this many steps and continue in a new engine")
     p.add_argument("--bf16", action="store_true", help="bf16 DeepSpeed engines, on a CPU too (emulates the GPU "
@@ -247,16 +256,19 @@ def main(argv=None) -> int:
     seed_everything(SEED, dims)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    objective = RecycleObjective(target=args.target, depth=args.train_depth,
+                                 depth_weights=tuple(1.0 / j for j in range(1, args.train_depth + 1)))
     results = {}
     for zero in (int(z) for z in args.zero.split(",")):
         record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq,
                             out_dir / f"ckpt_zero{zero}" if args.save else None, args.detach_base,
-                            args.activation_checkpointing, args.bf16, args.resume_at, out_dir)
+                            args.activation_checkpointing, args.bf16, args.resume_at, out_dir, objective)
         torch.save(record, out_dir / f"zero{zero}_rank{ctx.rank}.pt")
         results[zero] = record
     torch.distributed.barrier()
     if args.compare and ctx.rank == 0:
-        ref = reference_run(args.steps, args.global_batch, args.micro_batch, args.seq, detach_base=args.detach_base)
+        ref = reference_run(args.steps, args.global_batch, args.micro_batch, args.seq, detach_base=args.detach_base,
+                            objective=objective)
         for zero in results:
             records = [torch.load(out_dir / f"zero{zero}_rank{r}.pt") for r in range(dims.world_size)]
             diffs = compare(records, ref)

@@ -24,14 +24,15 @@ import torch
 import torch.distributed as dist
 
 from model.config import ModelConfig
-from model.gpt import LossOutput
+from model.objective import LossOutput, RecycleObjective
 from model.spec import LocalSpec
 from parallel.dims import ParallelDims
 from parallel.setup import current
 
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
-                 recycle_weight: float = 1.0, detach_base: bool = False, activation_checkpointing: bool = False,
+                 objective: RecycleObjective = RecycleObjective(), detach_base: bool = False,
+                 activation_checkpointing: bool = False,
                  optimizer_factory: Callable | None = None, scheduler_factory: Callable | None = None,
                  init_state: dict | None = None):
     """-> (engine, module). Weights equal `torch.manual_seed(seed); RecycleGPT(model_cfg)` on every layout,
@@ -55,13 +56,13 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
     spec = TensorParallelSpec(dims.tp) if dims.tp > 1 else LocalSpec()
     if dims.pp == 1:
         module = build_tp_model(model_cfg, seed, spec, state=init_state)
-        module.recycle_weight = recycle_weight
+        module.objective = objective
         module.activation_checkpointing = activation_checkpointing
         if detach_base:
             module.freeze_base()
         mpu = ctx.grid
     else:
-        module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, recycle_weight,
+        module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, objective,
                              detach_base, activation_checkpointing)
         if init_state is not None:
             load_full_state(module, init_state, model_cfg, spec.tp_rank, spec.tp_size)
@@ -98,8 +99,8 @@ def _undo_init_step(engine):
 
 def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
     """One optimizer step over `gradient_accumulation_steps` micro-batches ({'tokens', 'labels',
-    'loss_mask'} dicts, this dp rank's) -> (loss, lm_loss, recycle_loss) averaged over micro-batches and
-    dp, on every rank. Works for the plain and the pipeline engine."""
+    'loss_mask'} dicts, this dp rank's) -> LossOutput (loss, lm_loss, recycle_loss, deeper depths' losses)
+    averaged over micro-batches and dp, on every rank. Works for the plain and the pipeline engine."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     from parallel.pipeline import PipeBatches, pipe_losses
@@ -107,7 +108,8 @@ def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
     if isinstance(engine, PipelineEngine):
         engine.train_batch(PipeBatches(micro_batches))
         out = pipe_losses(engine)
-        return LossOutput(*(None if t is None else t.detach().float().reshape(()) for t in out))
+        return LossOutput(*(None if t is None else t.detach().float().reshape(()) for t in out[:3]),
+                          tuple(t.detach().float().reshape(()) for t in out.deeper_losses))
     device = engine.device
     sums, n = None, 0
     it = iter(micro_batches)
@@ -117,8 +119,7 @@ def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
         out = engine(b["tokens"].to(device), b["labels"].to(device), None if mask is None else mask.to(device))
         engine.backward(out.loss)
         engine.step()
-        parts = [out.loss, out.lm_loss, out.recycle_loss if out.recycle_loss is not None else out.loss * 0]
-        vec = torch.stack([p.detach().float() for p in parts])
+        vec = out.vector()
         sums = vec if sums is None else sums + vec
         n += 1
     sums /= n
@@ -127,12 +128,12 @@ def train_batch(engine, micro_batches: Iterable[dict]) -> LossOutput:
         dist.all_reduce(sums, group=dp_group)
         sums /= dist.get_world_size(dp_group)
     has_rec = getattr(getattr(engine, "module", None), "recycle", None) is not None
-    return LossOutput(sums[0], sums[1], sums[2] if has_rec else None)
+    return LossOutput.from_vector(sums, has_rec)
 
 
 @torch.no_grad()
 def eval_batch(engine, micro_batches: list[dict]) -> LossOutput:
-    """Mean (loss, lm_loss, recycle_loss) over this dp rank's `micro_batches` and over dp, no update, on every
+    """Mean LossOutput over this dp rank's `micro_batches` and over dp, no update, on every
     rank. Any number of micro-batches (the pipeline runs them as one inference schedule)."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
@@ -143,19 +144,19 @@ def eval_batch(engine, micro_batches: list[dict]) -> LossOutput:
     if isinstance(engine, PipelineEngine):
         module.reset_loss_sums()
         engine.eval_batch(PipeBatches(micro_batches), num_micro_batches=len(micro_batches), bcast_loss=False)
-        sums = module.loss_sums / module.loss_count if module.loss_count else torch.zeros(3, device=engine.device)
+        width = max(3, 1 + len(module.loss_names()))     # LossOutput.vector(): loss, lm, recycle, deeper
+        sums = module.loss_sums / module.loss_count if module.loss_count else torch.zeros(width, device=engine.device)
         if engine.grid.get_pipe_parallel_world_size() > 1:   # only the last stage has losses; the others add 0
             dist.all_reduce(sums, group=engine.grid.get_pipe_parallel_group())
         has_rec = module.cfg.recycle_layers > 0
     else:
         was_training = module.training
         engine.eval()
-        device, sums = engine.device, torch.zeros(3, device=engine.device)
+        device, sums = engine.device, None
         for b in micro_batches:
             mask = b.get("loss_mask")
             out = engine(b["tokens"].to(device), b["labels"].to(device), None if mask is None else mask.to(device))
-            rec = out.recycle_loss if out.recycle_loss is not None else out.loss * 0
-            sums += torch.stack([out.loss, out.lm_loss, rec]).float()
+            sums = out.vector() if sums is None else sums + out.vector()
         sums /= len(micro_batches)
         engine.train(was_training)
         has_rec = getattr(module, "recycle", None) is not None
@@ -163,7 +164,7 @@ def eval_batch(engine, micro_batches: list[dict]) -> LossOutput:
     if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(sums, group=dp_group)
         sums /= dist.get_world_size(dp_group)
-    return LossOutput(sums[0], sums[1], sums[2] if has_rec else None)
+    return LossOutput.from_vector(sums, has_rec)
 
 
 def _data_parallel_group():

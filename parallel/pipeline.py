@@ -4,8 +4,8 @@
     1 .. L       DecoderLayerPipe        (x, labels)                -> (x, labels)
     L+1          FinalNormPipe           (x, labels)                -> (h, labels)
     L+2          TiedLayerSpec('embed')  (h, labels)                -> (h, labels, E[labels])
-    L+3          HeadPipe                (h, labels, E[labels])     -> (lm_logits, rec_logits)
-    loss_fn      model.gpt.recycle_objective on the last stage
+    L+3          HeadPipe                (h, labels, E[labels])     -> (lm_logits, rec_logits per depth...)
+    loss_fn      model.objective.RecycleObjective on the last stage (the one-device model's objective)
 
 The token ids travel with the activations (ints get no gradient in DeepSpeed's p2p), so the last stage
 has x_{i+1} for the recyclable module's E[x_{i+1}]. The embedding is tied between the first and the last
@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
-from model.gpt import LossOutput, recycle_objective
+from model.objective import LossOutput, RecycleObjective
 from model.layers import DecoderLayer, RMSNorm, Rotary
 from model.recycle import RecyclableModule
 from parallel.tensor_parallel import load_init, mark_replicated
@@ -84,9 +84,10 @@ class FinalNormPipe(RMSNorm):
 class HeadPipe(nn.Module):
     """LM head and recyclable module (RecycleGPT.forward after `hidden`)."""
 
-    def __init__(self, cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False,
+                 depth: int = 1):
         super().__init__()
-        self.cfg, self.detach_base = cfg, detach_base
+        self.cfg, self.detach_base, self.depth = cfg, detach_base, depth
         self.lm_head = spec.lm_head(cfg.hidden_size, cfg.vocab_size)
         self.recycle = RecyclableModule(cfg, spec) if cfg.recycle_layers else None
         if self.recycle is not None:
@@ -97,8 +98,9 @@ class HeadPipe(nn.Module):
             h, _ = inputs
             return self.lm_head(h)
         h, _, next_embeds = inputs
-        g = self.recycle(h.detach() if self.detach_base else h, next_embeds, rotary_for(self.cfg, h.device))
-        return self.lm_head(h), self.lm_head(g)
+        states = self.recycle.unroll(h.detach() if self.detach_base else h, next_embeds,
+                                     rotary_for(self.cfg, h.device), self.depth)
+        return (self.lm_head(h), *(self.lm_head(g) for g in states))
 
 
 def layer_prefixes(cfg: ModelConfig) -> list[str | None]:
@@ -134,27 +136,29 @@ def stage_layer_counts(cfg: ModelConfig, pp: int) -> list[int]:
     return best[(pp, L)][1]
 
 
-def layer_specs(cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False):
+def layer_specs(cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False,
+                depth: int = 1):
     specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, tied_weight_attr=["embedding.weight"])]
     specs += [LayerSpec(DecoderLayerPipe, cfg, spec, activation_checkpointing) for _ in range(cfg.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.norm_eps))
     if cfg.recycle_layers:
         specs.append(TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, forward_fn=next_token_embeddings,
                                    tied_weight_attr=["embedding.weight"]))
-    specs.append(LayerSpec(HeadPipe, cfg, spec, detach_base, activation_checkpointing))
+    specs.append(LayerSpec(HeadPipe, cfg, spec, detach_base, activation_checkpointing, depth))
     return specs
 
 
 class RecyclePipe(PipelineModule):
     """PipelineModule with our partitioning, loss, weight init and logged partial losses."""
 
-    def __init__(self, cfg: ModelConfig, spec, topology, seed: int | None = None, recycle_weight: float = 1.0,
-                 detach_base: bool = False, activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, spec, topology, seed: int | None = None,
+                 objective: RecycleObjective = RecycleObjective(), detach_base: bool = False,
+                 activation_checkpointing: bool = False):
         if detach_base:
             # A frozen base leaves the stages before the last without gradients to send back, and DeepSpeed's
             # schedule always sends them. Module-only training runs with pp == 1 (see engine.build_engine).
             raise ValueError("recycle.detach_base=true needs parallel.pp=1")
-        self.cfg, self.spec, self.recycle_weight = cfg, spec, recycle_weight
+        self.cfg, self.spec, self.objective = cfg, spec, objective
         counts = stage_layer_counts(cfg, topology.get_dim("pipe"))
         bounds = [0]
         for c in counts:
@@ -162,7 +166,8 @@ class RecyclePipe(PipelineModule):
         self._parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layer_prefixes(cfg))]
         self._losses = None
         self.loss_sums, self.loss_count = None, 0
-        super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing), topology=topology,
+        super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing, objective.depth),
+                         topology=topology,
                          loss_fn=self._loss, partition_method="recycle", activation_checkpoint_interval=0)
         if seed is not None:
             load_init(dict(self.full_named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)
@@ -200,19 +205,16 @@ class RecyclePipe(PipelineModule):
 
     def _loss(self, outputs, targets):
         labels, loss_mask = targets
-        lm_logits, rec_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
-        out = recycle_objective(self.spec, lm_logits, rec_logits, labels, loss_mask, self.recycle_weight)
-        self._losses = OrderedDict(lm_loss=out.lm_loss.detach())
-        if out.recycle_loss is not None:
-            self._losses["recycle_loss"] = out.recycle_loss.detach()
-        rec = out.recycle_loss if out.recycle_loss is not None else out.loss * 0
-        sums = torch.stack([out.loss.detach(), out.lm_loss.detach(), rec.detach()]).float()
+        lm_logits, *rec_logits = outputs if isinstance(outputs, tuple) else (outputs,)
+        out = self.objective(self.spec, lm_logits, rec_logits, labels, loss_mask)
+        self._losses = OrderedDict((k, v.detach()) for k, v in out.named().items() if k != "loss" and v is not None)
+        sums = out.vector()
         self.loss_sums = sums if self.loss_sums is None else self.loss_sums + sums
         self.loss_count += 1
         return out.loss
 
     def reset_loss_sums(self):
-        """Running (loss, lm, recycle) sums over micro-batches on the last stage, for eval_batch (DeepSpeed
+        """Running LossOutput.vector() sums over micro-batches on the last stage, for eval_batch (DeepSpeed
         reduces only the total loss there)."""
         self.loss_sums, self.loss_count = None, 0
 
@@ -221,9 +223,14 @@ class RecyclePipe(PipelineModule):
         stage must name the same keys, hence zeros before the first loss)."""
         if self._losses is None:
             zero = torch.zeros((), device=next(self.parameters()).device)
-            names = ["lm_loss"] + (["recycle_loss"] if self.cfg.recycle_layers else [])
-            return OrderedDict((n, zero.clone()) for n in names)
+            return OrderedDict((n, zero.clone()) for n in self.loss_names())
         return self._losses
+
+    def loss_names(self) -> list[str]:
+        """The additional losses' names, the same on every stage."""
+        if not self.cfg.recycle_layers:
+            return ["lm_loss"]
+        return ["lm_loss", "recycle_loss"] + [f"recycle_loss_d{j}" for j in range(2, self.objective.depth + 1)]
 
 
 def pipe_batch(input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None):
@@ -250,4 +257,5 @@ class PipeBatches:
 def pipe_losses(engine) -> LossOutput:
     """The last train_batch's (total, lm, recycle) losses: means over micro-batches and dp, on every rank."""
     extra = engine.agg_additional_losses or {}
-    return LossOutput(engine.agg_train_loss, extra.get("lm_loss"), extra.get("recycle_loss"))
+    deeper = tuple(extra[n] for n in engine.module.loss_names()[2:])
+    return LossOutput(engine.agg_train_loss, extra.get("lm_loss"), extra.get("recycle_loss"), deeper)

@@ -241,12 +241,47 @@ class TensorParallelSpec:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
         return vocab_parallel_cross_entropy(logits.float().contiguous(), target.contiguous())
 
+    def kl_to_teacher(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Per-token KL(softmax(teacher) || softmax(logits)) over the vocabulary shards (LocalSpec's, reduced
+        over the TP group); the gradient to this rank's logits is its shard of q - p."""
+        return _VocabParallelKL.apply(logits, teacher_logits.detach(), self.group)
+
     @torch.no_grad()
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits for decoding (torch.distributed: megatron's gather allocates on CUDA)."""
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
         dist.all_gather(parts, logits.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+def _vocab_log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
+    """log softmax over the full vocabulary from this rank's shard (fp32, no autograd)."""
+    logits = logits.float()
+    top = logits.max(-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - top
+    sum_exp = shifted.exp().sum(-1, keepdim=True)
+    dist.all_reduce(sum_exp, group=group)
+    return shifted - sum_exp.log()
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    # A hand-written backward, as megatron's vocab_parallel_cross_entropy has: an all-reduce inside autograd
+    # would give each rank only its own shard's share of the normaliser's gradient.
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, group):
+        log_q = _vocab_log_softmax(logits, group)
+        log_p = _vocab_log_softmax(teacher_logits, group)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(-1)
+        dist.all_reduce(kl, group=group)
+        ctx.save_for_backward(log_q, p)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        log_q, p = ctx.saved_tensors
+        return (log_q.exp() - p) * grad_kl.unsqueeze(-1), None, None
 
 
 def mark_replicated(module: nn.Module, tp_rank: int):

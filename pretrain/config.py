@@ -68,7 +68,18 @@ class TrainSection:
 @dataclass
 class RecycleSection:
     weight: float = 1.0              # lambda in L = L_lm + lambda * L_rec
-    detach_base: bool = False        # True: train only the module on top of a frozen base
+    detach_base: bool = False        # True: train only the module on top of a frozen base (no autograd in it)
+    target: str = "tokens"           # tokens: the corpus token | base: the full model's distribution | mix
+    mix: float = 0.5                 # target=mix: share of the base-distribution term
+    train_depth: int = 1             # the module unrolled on its own state this many times (multi-token drafts)
+    depth_weights: list = field(default_factory=list)   # per-depth loss weights, train_depth of them; [] = all 1
+    init: str = "random"             # a new module on an imported base: random | base_last_layers
+
+    def objective(self):
+        """The model's RecycleObjective (model/objective.py checks the values)."""
+        from model.objective import RecycleObjective
+        return RecycleObjective(weight=self.weight, target=self.target, mix=self.mix, depth=self.train_depth,
+                                depth_weights=tuple(self.depth_weights))
 
 
 @dataclass
@@ -214,8 +225,25 @@ def validate(cfg: RunConfig):
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes is empty; list tokenized datasets, e.g. "
                           "data.prefixes='[data/sotu_text_document]' (make them with python -m data_prep.tokenize)")
-    if cfg.recycle.detach_base and model_cfg.recycle_layers == 0:
+    validate_recycle(cfg.recycle, model_cfg, t.seq_length)
+
+
+def validate_recycle(r: RecycleSection, model_cfg, seq_length: int):
+    if r.detach_base and model_cfg.recycle_layers == 0:
         raise ConfigError("recycle.detach_base=true needs a module: set model.recycle_layers >= 1")
+    if model_cfg.recycle_layers == 0 and (r.train_depth != 1 or r.target != "tokens"):
+        raise ConfigError("recycle.train_depth and recycle.target need a module: set model.recycle_layers >= 1")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in r.depth_weights):
+        raise ConfigError(f"recycle.depth_weights={r.depth_weights!r} must be a list of numbers, e.g. [1.0, 0.5]")
+    try:
+        r.objective()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if r.init not in ("random", "base_last_layers"):
+        raise ConfigError(f"recycle.init={r.init!r}; valid: random, base_last_layers")
+    if r.train_depth + 1 > seq_length:
+        raise ConfigError(f"recycle.train_depth={r.train_depth} needs train.seq_length >= {r.train_depth + 1} "
+                          f"(got {seq_length})")
 
 
 def save_config(cfg: RunConfig, path: Path):

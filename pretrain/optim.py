@@ -21,17 +21,24 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
     DeepSpeed calls `step` on every rank at the same point (also under ZeRO, on each rank's partition), so the
     all-reduced flag keeps replicas identical. The trainer logs the skipped step from the non-finite loss.
+
+    When the engine has just clipped the gradients it hands over that norm (`clip_norm`, already reduced over
+    every rank: pretrain.runtime), and no second pass over the gradients is needed; otherwise (ZeRO and bf16
+    wrappers, no clipping) the check computes and all-reduces its own.
     """
 
     skipped_steps = 0
+    clip_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
-        if dist.is_available() and dist.is_initialized():
-            total = total.to(torch.float32).reshape(1)
-            dist.all_reduce(total)   # a NaN or inf anywhere makes the sum non-finite everywhere
+        total, self.clip_norm = self.clip_norm, None
+        if total is None:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+            if dist.is_available() and dist.is_initialized():
+                total = total.to(torch.float32).reshape(1)
+                dist.all_reduce(total)   # a NaN or inf anywhere makes the sum non-finite everywhere
         if not torch.isfinite(total).all():
             self.skipped_steps += 1
             return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from model.gpt import LossOutput
+from model.objective import LossOutput
 from parallel.deepspeed_config import deepspeed_config
 from parallel.dims import ParallelDims
 from pretrain.config import RunConfig
@@ -79,12 +79,17 @@ class Runtime:
 
 
 def _record_fp32_grad_norm(engine):
-    """DeepSpeed's plain fp32 engine clips but throws the norm away; keep it for metrics.jsonl."""
+    """DeepSpeed's plain fp32 engine clips but throws the norm away; keep it for metrics.jsonl, and hand it to
+    the optimizer's non-finite check (the norm over every rank's gradients, so it needs no pass of its own)."""
     from deepspeed.runtime.utils import clip_grad_norm_
+
+    from pretrain.optim import SkipNonFiniteAdamW
 
     def clip_and_record():
         engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
                                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        if isinstance(engine.optimizer, SkipNonFiniteAdamW):
+            engine.optimizer.clip_norm = engine._global_grad_norm
     engine.clip_fp32_gradients = clip_and_record
 
 
@@ -108,7 +113,7 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     seed_everything(cfg.seed, dims)
     model_cfg = cfg.model.build()
     engine, _ = build_engine(
-        model_cfg, dims, ds_config(cfg, dims), cfg.seed, recycle_weight=cfg.recycle.weight,
+        model_cfg, dims, ds_config(cfg, dims), cfg.seed, objective=cfg.recycle.objective(),
         detach_base=cfg.recycle.detach_base, activation_checkpointing=cfg.train.activation_checkpointing,
         optimizer_factory=lambda module: make_optimizer(module, cfg.train),
         scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train),

@@ -86,9 +86,7 @@ class Trainer:
         micro = [batches.next() for _ in range(self.engine.gradient_accumulation_steps())]
         out = self.rt.train_batch(micro)
         self.consumed += self.cfg.train.global_batch_size
-        return {"loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
-                "recycle_loss": math.nan if out.recycle_loss is None else out.recycle_loss.item(),
-                "grad_norm": self.rt.grad_norm()}
+        return {**scalars(out), "grad_norm": self.rt.grad_norm()}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -97,8 +95,7 @@ class Trainer:
         t = self.cfg.train
         batches = Batches(self.valid_set, 0, t.micro_batch_size, self.rt.dp_rank, self.rt.dp_size)
         out = self.rt.eval_batch([batches.next() for _ in range(t.eval_iters)])
-        row = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item(),
-               "recycle_loss": math.nan if out.recycle_loss is None else out.recycle_loss.item()}
+        row = scalars(out)
         row["ppl"] = math.exp(min(row["lm_loss"], 50.0))
         return row
 
@@ -173,6 +170,12 @@ class Trainer:
                  self.step, self.cfg.train.steps, row["loss"], row["lm_loss"],
                  "-" if math.isnan(rec) else f"{rec:.4f}", row["lr"], row["grad_norm"], row["tokens_per_s"],
                  _fmt_seconds(eta))
+
+
+def scalars(out) -> dict:
+    """metrics.jsonl values of a LossOutput: loss, lm_loss, recycle_loss (NaN without a module) and
+    recycle_loss_d2.. for the deeper draft depths (recycle.train_depth)."""
+    return {k: math.nan if v is None else v.item() for k, v in out.named().items()}
 
 
 def _fmt_seconds(s: float) -> str:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, RecycleGPT, preset
+from model import ModelConfig, RecycleGPT, RecycleObjective, preset
 from pretrain.hf_convert import from_hf, llama_config_kwargs, to_hf
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -141,7 +141,7 @@ def test_module_state_depends_on_next_token_but_not_on_the_target():
 def test_loss_is_lm_plus_lambda_recycle_and_detach_trains_only_the_module():
     model = make_model().train()
     ids = tokens()
-    model.recycle_weight = 0.5
+    model.objective = RecycleObjective(weight=0.5)
     out = model(ids[:, :-1], ids[:, 1:])
     torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.recycle_loss)
     model.freeze_base()

@@ -199,3 +199,23 @@ def test_bf16_engines_agree(tmp_path, ref):
     z0, z1 = records(out, 0, 2)[0], records(out, 1, 2)[0]
     assert rel_diff(z0["losses"], z1["losses"]) <= 5e-4 and rel_diff(z0["eval"], z1["eval"]) <= 5e-4
     assert rel_diff(z1["losses"], ref["losses"]) <= 1e-2
+
+
+@pytest.mark.slow
+def test_draft_depths_and_base_target_tp2_pp2_and_zero_with_resume(tmp_path):
+    """recycle.train_depth 3 with per-depth weights and target=mix (the base's distribution through the
+    vocabulary-parallel KL): TP=2 x PP=2 with a resume mid-run, and ZeRO 1/3 over dp=2 with a resume."""
+    from parallel.check import RecycleObjective
+    objective = RecycleObjective(target="mix", depth=3, depth_weights=(1.0, 1 / 2, 1 / 3))
+    ref = reference_run(STEPS, GLOBAL, MICRO, SEQ, objective=objective)
+    depth_losses = LOSSES | {"recycle_loss_d2", "recycle_loss_d3"}
+    args = ["--target", "mix", "--train-depth", "3"]
+    out = tmp_path / "tp2pp2"
+    launch(4, ["--tp", "2", "--pp", "2", "--resume-at", "3", *args], out)
+    recs = records(out, 0, 4)
+    check(recs, ref, depth_losses | {"embedding_grad"})
+    assert all(r["resumed_at"] == 3 for r in recs)
+    out = tmp_path / "zero"
+    launch(2, ["--zero", "1,3", "--resume-at", "2", *args], out)
+    for zero in (1, 3):
+        check(records(out, zero, 2), ref, depth_losses | {"grad_norm"})

@@ -136,3 +136,26 @@ def test_nan_loss_skips_the_update_and_k_in_a_row_abort(tmp_path, sotu_prefix):
     proc = cli("-c", NAN_INJECTOR, "-1", *base, f"run.dir={tmp_path / 'many'}", "train.steps=8", check=False)
     assert proc.returncode == 1
     assert "error: training aborted: 3 non-finite losses in a row at step 4" in proc.stderr
+
+
+CLIP_NORM_REUSE = """
+import sys, torch
+from pretrain.config import load_config
+from pretrain.runtime import build_runtime
+rt = build_runtime(load_config("configs/tiny.yaml", sys.argv[1:]))
+def second_pass(*args, **kwargs):
+    raise AssertionError("the non-finite check took a second pass over the gradients")
+torch._foreach_norm = second_pass
+ids = torch.randint(0, 8192, (2, 65))
+batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(2, 64)}
+before = rt.engine.module.layers[0].mlp.linear_fc2.weight.detach().clone()
+rt.train_batch([batch, batch])
+moved = not torch.equal(before, rt.engine.module.layers[0].mlp.linear_fc2.weight)
+print("updated" if moved else "not updated", rt.engine.optimizer.skipped_steps)
+"""
+
+
+@pytest.mark.slow
+def test_non_finite_check_reuses_the_clipping_norm(tmp_path):
+    proc = cli("-c", CLIP_NORM_REUSE, *SMALL, "data.prefixes=[unused]", f"run.dir={tmp_path}")
+    assert proc.stdout.strip().splitlines()[-1] == "updated 0"
