@@ -65,3 +65,25 @@ class RecyclableModule(nn.Module):
             states.append(state)
             state = state[:, :-1]
         return states
+
+
+@torch.no_grad()
+def init_from_base_layers(state: dict, cfg: ModelConfig) -> dict:
+    """recycle.init=base_last_layers, for a new module on a trained base (a one-device state dict -> a new one).
+
+    The module's N decoder layers start as copies of the base's last N layers (module layer j <- base layer
+    L-N+j), RMSNorm_r as the base's final norm, and W_proj as the identity on the hidden half [I | W_e]: the
+    module starts as "the base's top layers run once more on h", the embedding half keeps its small random
+    initialisation so the next token's embedding enters from the first step. RMSNorm_h / RMSNorm_e stay 1."""
+    out = dict(state)
+    n, L, d = cfg.recycle_layers, cfg.num_layers, cfg.hidden_size
+    for j in range(n):
+        src, dst = f"layers.{max(L - n + j, 0)}.", f"recycle.layers.{j}."
+        for key, value in state.items():
+            if key.startswith(src):
+                out[dst + key[len(src):]] = value.clone()
+    w_proj = state["recycle.linear_in.weight"].clone()
+    w_proj[:, :d] = torch.eye(d, dtype=w_proj.dtype)
+    out["recycle.linear_in.weight"] = w_proj
+    out["recycle.final_norm.weight"] = state["final_norm.weight"].clone()
+    return out

@@ -69,6 +69,7 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
         raise ImportError_(f"{hf_dir}: weights do not match the config (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     fresh_module = bool(missing)
+    module_init = run_cfg.recycle.init if fresh_module else None
     tree = run_cfg.to_dict()
     tree["model"] = model_section(cfg)
     tree["run"]["dir"] = str(output)
@@ -88,20 +89,26 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
     try:
         (tmp / INIT_FILE).parent.mkdir(parents=True)
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        if module_init == "base_last_layers":
+            from model.recycle import init_from_base_layers
+            state = init_from_base_layers(state, cfg)
         save_file(state, str(tmp / INIT_FILE), metadata={"format": "pt", "source": str(hf_dir)})
         (tmp / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
         save_config(run_cfg, tmp / "config.yaml")
-        (tmp / "init" / "source.json").write_text(json.dumps({"hf_dir": str(hf_dir), "fresh_module": fresh_module}))
+        (tmp / "init" / "source.json").write_text(json.dumps({"hf_dir": str(hf_dir), "fresh_module": fresh_module,
+                                                                   "module_init": module_init}))
         from pretrain.export_hf import replace_dir
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if fresh_module:
-        print(f"{hf_dir} has no recyclable module: initialised a fresh {cfg.recycle_layers}-layer module (seed "
-              f"{run_cfg.seed}); suggest training only the module: recycle.detach_base=true")
+        how = "from the base's last layers" if module_init == "base_last_layers" else f"at random (seed {run_cfg.seed})"
+        print(f"{hf_dir} has no recyclable module: initialised a fresh {cfg.recycle_layers}-layer module {how}; "
+              "suggest training only the module: recycle.detach_base=true (and recycle.init=base_last_layers, "
+              "recycle.target=base)")
     return output
 
 

@@ -5,6 +5,7 @@ only turns the run config into those calls and gives the trainer one interface f
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ def validate_parallel(cfg: RunConfig):
     dims = parallel_dims(cfg)
     dims.grad_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     ds_config(cfg, dims)
+    check_module_init(cfg)
     if cfg.recycle.detach_base and dims.pp > 1:
         raise ValueError("recycle.detach_base=true needs parallel.pp=1 (the pipeline sends a gradient back "
                          "through every stage); train the module with tp/ZeRO instead")
@@ -94,14 +96,33 @@ def _record_fp32_grad_norm(engine):
 
 
 def imported_weights(cfg: RunConfig) -> dict | None:
-    """A run made by pretrain.import_hf starts from RUN_DIR/init/model.safetensors until it has a checkpoint."""
+    """A run made by pretrain.import_hf starts from RUN_DIR/init/model.safetensors until it has a checkpoint.
+    A module the import created fresh at random is re-initialised here when the run asks for
+    recycle.init=base_last_layers (so the key works in the training config as well as at import)."""
     from pretrain.checkpoint import checkpoint_dir, latest_tag
 
     init = cfg.run_dir / "init" / "model.safetensors"
     if not init.is_file() or latest_tag(checkpoint_dir(cfg.run_dir)) is not None:
         return None
     from safetensors.torch import load_file
-    return load_file(str(init))
+    state = load_file(str(init))
+    source = init.parent / "source.json"
+    meta = json.loads(source.read_text()) if source.is_file() else {}
+    if cfg.recycle.init == "base_last_layers" and meta.get("fresh_module") and \
+            meta.get("module_init") != "base_last_layers":
+        from model.recycle import init_from_base_layers
+        state = init_from_base_layers(state, cfg.model.build())
+    return state
+
+
+def check_module_init(cfg: RunConfig):
+    """recycle.init=base_last_layers copies a trained base's layers: it needs an imported RUN_DIR."""
+    from pretrain.checkpoint import checkpoint_dir, latest_tag
+
+    if cfg.recycle.init == "base_last_layers" and not (cfg.run_dir / "init" / "model.safetensors").is_file() \
+            and latest_tag(checkpoint_dir(cfg.run_dir)) is None:
+        raise ValueError(f"recycle.init=base_last_layers needs a trained base in {cfg.run_dir}/init; make the run "
+                         "directory with python -m pretrain.import_hf --hf HF_DIR --output RUN_DIR")
 
 
 def build_runtime(cfg: RunConfig) -> Runtime:

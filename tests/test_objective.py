@@ -144,3 +144,50 @@ def test_config_keys_are_checked_with_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("module_layers", [1, 2])
+def test_module_init_copies_the_base_last_layers(module_layers):
+    from model.recycle import init_from_base_layers
+    cfg = ModelConfig(**{**CFG.to_dict(), "num_layers": 3, "recycle_layers": module_layers})
+    torch.manual_seed(0)
+    state = RecycleGPT(cfg).state_dict()
+    new = init_from_base_layers(state, cfg)
+    for j in range(module_layers):
+        src = 3 - module_layers + j
+        names = [k for k in state if k.startswith(f"recycle.layers.{j}.")]
+        assert names
+        for k in names:
+            assert torch.equal(new[k], state[k.replace(f"recycle.layers.{j}.", f"layers.{src}.")]), k
+    d = cfg.hidden_size
+    assert torch.equal(new["recycle.linear_in.weight"][:, :d], torch.eye(d))
+    assert torch.equal(new["recycle.linear_in.weight"][:, d:], state["recycle.linear_in.weight"][:, d:])
+    assert torch.equal(new["recycle.final_norm.weight"], state["final_norm.weight"])
+    assert all(torch.equal(new[k], state[k]) for k in state if not k.startswith("recycle."))
+
+
+def test_import_and_first_start_initialise_a_new_module_from_the_base(tmp_path):
+    """pretrain.import_hf with recycle.init=base_last_layers, and a random-module import whose training
+    config asks for it (pretrain.runtime.imported_weights) give the same module."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.config import load_config
+    from pretrain.import_hf import main as import_main
+    from pretrain.runtime import imported_weights
+
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(hf)
+    assert import_main(["--hf", str(hf), "--output", str(tmp_path / "copied"), "recycle.init=base_last_layers"]) == 0
+    copied = load_file(str(tmp_path / "copied" / "init" / "model.safetensors"))
+    for k in [k for k in copied if k.startswith("recycle.layers.0.")]:
+        assert torch.equal(copied[k], copied[k.replace("recycle.layers.0.", "layers.2.")]), k
+    assert import_main(["--hf", str(hf), "--output", str(tmp_path / "random")]) == 0
+    random = load_file(str(tmp_path / "random" / "init" / "model.safetensors"))
+    assert not torch.equal(random["recycle.layers.0.mlp.linear_fc2.weight"], random["layers.2.mlp.linear_fc2.weight"])
+    cfg = load_config(str(tmp_path / "random" / "config.yaml"), ["recycle.init=base_last_layers"])
+    started = imported_weights(cfg)
+    assert started.keys() == copied.keys() and all(torch.equal(started[k], copied[k]) for k in copied)
