@@ -83,8 +83,13 @@ def _hf_units(path: str):
     dict_file = os.path.join(path, "dataset_dict.json")
     if not os.path.isfile(dict_file):
         return [InputUnit(path, "hf", size, mtime)]
-    with open(dict_file) as f:
-        splits = json.load(f)["splits"]  # stored order (train, validation, ...) is deterministic
+    try:
+        with open(dict_file) as f:
+            splits = json.load(f)["splits"]  # stored order (train, validation, ...) is deterministic
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        return [InputUnit(path, "hf", size, mtime)]   # unreadable: reading it reports the error for this unit
     return [InputUnit(path, "hf", size, mtime, hf_split=s) for s in splits]
 
 
@@ -128,7 +133,7 @@ def _split_value(record, split_by):
     if isinstance(meta, str):  # some exports store meta as a JSON string
         try:
             meta = json.loads(meta)
-        except ValueError:
+        except (ValueError, RecursionError):
             meta = None
     value = meta.get(split_by) if isinstance(meta, dict) else None
     if value is None:
@@ -165,6 +170,11 @@ class _Truncated(Exception):
     pass
 
 
+class UnreadableInput(Exception):
+    """A whole input unit cannot be read (corrupt parquet or saved dataset, no permission, ...).
+    The message names the unit and the cause, on one line."""
+
+
 class UnitReader:
     """Iterate one input unit as Doc / Defect items; `bytes_done` tracks progress in on-disk bytes."""
 
@@ -174,14 +184,16 @@ class UnitReader:
 
     def __iter__(self) -> Iterator[Union[Doc, Defect]]:
         kind = self.unit.kind
-        if kind.startswith("jsonl"):
-            yield from self._jsonl()
-        elif kind == "txt":
-            yield from self._txt()
-        elif kind == "parquet":
-            yield from self._parquet()
-        else:
-            yield from self._hf()
+        read = (self._jsonl if kind.startswith("jsonl") else self._txt if kind == "txt"
+                else self._parquet if kind == "parquet" else self._hf)
+        try:
+            yield from read()
+        except Exception as err:   # noqa: BLE001 - any reader library's failure on this unit is the unit's
+            # Bad records are Defects above; what gets here is the file as a whole (pyarrow's ArrowInvalid, a
+            # datasets folder with a broken state.json, EACCES, ...): one line naming it, never a traceback.
+            cause = " ".join(str(err).split())[:300] or "no details"
+            raise UnreadableInput(f"{self.unit.name}: cannot read this {kind} input ({type(err).__name__}: "
+                                  f"{cause})") from None
         self.bytes_done = self.unit.size
 
     # -- line-oriented files -------------------------------------------------------------------------
@@ -259,7 +271,7 @@ class UnitReader:
                 except UnicodeDecodeError:
                     yield Defect(INVALID_UTF8, loc)
                     continue
-                except ValueError:
+                except (ValueError, RecursionError):   # RecursionError: nested deeper than the parser's stack
                     yield Defect(MALFORMED_JSON, loc)
                     continue
                 yield record_to_doc(record, loc, self.text_key, self.split_by)

@@ -8,6 +8,7 @@ A shard is written as `X.bin.tmp` / `X.idx.tmp`, renamed when complete (`.idx` l
 finished by `<unit>.done.json`: a killed run never leaves a shard that looks complete.
 """
 import array
+import hashlib
 import json
 import multiprocessing
 import os
@@ -17,6 +18,8 @@ from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy
+
+from data_prep.cli import DataError
 
 MAX_EXAMPLES = 5  # file:line locations kept per skip reason
 
@@ -103,8 +106,27 @@ class _Done:
 
 
 def subset_suffix(subset) -> str:
-    """File-name suffix for a --split-by value: "Pile-CC" -> "_Pile-CC", "Ubuntu IRC" -> "_Ubuntu_IRC"."""
-    return "" if subset is None else "_" + (re.sub(r"[^A-Za-z0-9.-]+", "_", subset).strip("_") or "unnamed")
+    """File-name suffix for a --split-by value, one-to-one: "Pile-CC" -> "_Pile-CC", "Ubuntu IRC" -> "_Ubuntu_IRC".
+
+    A value made of letters, digits, '.', '-' and single inner spaces maps to itself with '_' for each space, which
+    reads back unambiguously. Anything else ("a_b", "Wikipedia (en)", "a  b") keeps a readable stem and gets
+    '~' plus a hash of the exact value, so two values never share a file ('~' never occurs in the plain form)."""
+    if subset is None:
+        return ""
+    if re.fullmatch(r"[A-Za-z0-9.-]+(?: [A-Za-z0-9.-]+)*", subset):
+        return "_" + subset.replace(" ", "_")
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", subset).strip("_")[:80]
+    return f"_{stem}~{hashlib.sha256(subset.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def subset_collisions(subsets) -> tuple | None:
+    """Two --split-by values with the same file suffix (a hash collision), or None. `subsets`: {name: {"suffix"}}."""
+    owner = {}
+    for name, counts in subsets.items():
+        other = owner.setdefault(counts["suffix"], name)
+        if other != name:
+            return other, name
+    return None
 
 
 def indexed_dataset_module():
@@ -184,9 +206,10 @@ class ShardWriter:
     def _builder(self, subset):
         if subset not in self.builders:
             suffix = subset_suffix(subset)
-            for other in self.builders:
-                if other != subset and subset_suffix(other) == suffix:
-                    raise ValueError(f"--split-by values {other!r} and {subset!r} map to the same file name")
+            clash = subset_collisions({**self.stats.subsets, subset or "": {"suffix": suffix}})
+            if clash:
+                raise DataError(f"--split-by values {clash[0]!r} and {clash[1]!r} map to the same output name; "
+                                "rename one of them in the data")
             self.builders[subset] = indexed_dataset_builder(self.shard_prefix + suffix + ".bin.tmp", self.dtype)
             self.stats.subsets[subset or ""] = {"documents": 0, "tokens": 0, "suffix": suffix}
         return self.builders[subset]

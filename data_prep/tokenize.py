@@ -1,7 +1,7 @@
 """Tokenize corpora into Megatron indexed datasets (PREFIX.bin + PREFIX.idx), one EOD token after each document.
 
     python -m data_prep.tokenize --input FILE_OR_DIR... --tokenizer DIR --output-prefix PREFIX \
-        [--workers N] [--text-key text] [--split-by META_FIELD] [--strict]
+        [--workers N] [--text-key text] [--split-by META_FIELD] [--strict] [--skip-bad-files]
 
 Each input file (or HF dataset split) is tokenized into its own shard under PREFIX.shards/, then the shards are
 merged into PREFIX (with --split-by, into PREFIX_<value> per value). Rerunning the same command after an
@@ -19,13 +19,15 @@ from data_prep.cli import DataError, OneLineArgumentParser, UsageError, run_main
 from data_prep.hf_tokenizer import load_tokenizer, token_dtype
 from data_prep.merge import merge_datasets
 from data_prep.progress import Progress, duration, human
-from data_prep.readers import REASONS, Defect, UnitReader, discover_inputs
-from data_prep.shards import OrderedEncoder, ShardWriter, UnitStats, indexed_dataset_module, write_json_atomically
+from data_prep.readers import REASONS, Defect, UnitReader, UnreadableInput, discover_inputs
+from data_prep.shards import (OrderedEncoder, ShardWriter, UnitStats, indexed_dataset_module, subset_collisions,
+                              write_json_atomically)
 
 BATCH_CHARS = 1 << 20   # a batch is ~1 MB of text: large enough to amortise IPC, small enough to stay flat
 BATCH_DOCS = 1024
-FORMAT_VERSION = 1      # bump when the shard layout changes, so old shard folders are not resumed
+FORMAT_VERSION = 2      # bump when the shard layout changes (2: one-to-one --split-by file names), so old shard folders are not resumed
 _END = "end"
+_SKIP = "skip"
 # Test hook: seconds to sleep per written batch, so a test can kill a run midway at a predictable point.
 _TEST_DELAY_S = float(os.environ.get("DATA_PREP_TEST_DELAY_S", "0") or 0)
 
@@ -47,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--split-by", default=None, metavar="META_FIELD",
                    help="write one dataset per value of meta[META_FIELD], e.g. pile_set_name")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="an input that cannot be read at all (corrupt parquet, broken saved dataset, no permission) "
+                        "is skipped and listed in the stats instead of stopping the run")
     p.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help=".txt files: one document per file (default), per blank-line-separated paragraph, "
                         "or per line")
@@ -82,6 +87,7 @@ class CorpusTokenizer:
         self.tokenizer_json = tokenizer.backend_tokenizer.to_str()
         self.eod = tokenizer.eos_token_id
         self.active = []  # writers with files open, to clean up on failure
+        self.bad_files = {}  # unit index -> one-line reason, for units skipped under --skip-bad-files
 
     def shard_prefix(self, index):
         return os.path.join(self.shard_dir, f"{index:05d}")
@@ -119,7 +125,21 @@ class CorpusTokenizer:
             self.active.append(writer)
             reader = UnitReader(unit, self.args.text_key, self.args.split_by, self.args.txt_mode)
             texts, subsets, chars = [], [], 0
-            for item in reader:
+            items = iter(reader)
+            while True:
+                try:
+                    item = next(items, None)
+                except UnreadableInput as err:
+                    item = err
+                if item is None:
+                    break
+                if isinstance(item, UnreadableInput):
+                    if not self.args.skip_bad_files:
+                        raise DataError(f"{item}; fix or remove it, or rerun with --skip-bad-files to skip it "
+                                        "(finished shards are kept)")
+                    print(f"skipping {item}", file=sys.stderr)
+                    self.bad_files[index] = str(item)
+                    break
                 if isinstance(item, Defect):
                     if self.args.strict:
                         raise DataError(f"{item.location}: {item.reason} (--strict stops at the first bad "
@@ -133,14 +153,21 @@ class CorpusTokenizer:
                     progress.update(finished_bytes + reader.bytes_done)
                     yield (writer, subsets), texts
                     texts, subsets, chars = [], [], 0
+            finished_bytes += unit.size
+            if index in self.bad_files:   # drop what this unit produced; earlier batches may still be queued
+                yield (writer, _SKIP, index), None
+                continue
             if texts:
                 yield (writer, subsets), texts
-            finished_bytes += unit.size
             progress.update(finished_bytes)
             yield (writer, _END, index), None
 
     def _write(self, tag, result, progress):
         writer = tag[0]
+        if tag[1] == _SKIP:
+            writer.abort()
+            self.active.remove(writer)
+            return
         if tag[1] == _END:
             writer.finish(self.done_path(tag[2]))
             self.active.remove(writer)
@@ -164,6 +191,9 @@ def _summary_lines(stats: dict, out_desc: str, stats_path: str):
         lines.append(f"skipped {sum(skipped.values()):,}: " + "; ".join(parts))
     else:
         lines.append("skipped 0")
+    if stats["skipped_files"]:
+        lines.append(f"skipped {len(stats['skipped_files'])} unreadable input(s) (--skip-bad-files): "
+                     + "; ".join(stats["skipped_files"].values()))
     lines += [f"output: {out_desc} ({stats['dtype']})", f"stats: {stats_path}"]
     return lines
 
@@ -199,7 +229,8 @@ def main(argv=None):
 
     total = UnitStats()
     for i in range(len(units)):
-        total.add(UnitStats.from_json(_read_json(corpus.done_path(i))))
+        if i not in corpus.bad_files:
+            total.add(UnitStats.from_json(_read_json(corpus.done_path(i))))
     outputs = _merge_or_list_shards(corpus, total, args)
     stats = {
         "complete": True, "fingerprint": fp, "merged": not args.no_merge,
@@ -212,6 +243,8 @@ def main(argv=None):
         "tokens_per_s": round(progress.tokens / max(tokenize_seconds, 1e-9), 1),
         "documents_per_s": round(progress.docs / max(tokenize_seconds, 1e-9), 1),
         "input_bytes": total.input_bytes, "inputs": [u.name for u in units], "shards_resumed": resumed,
+        # --skip-bad-files: {input: why it could not be read}; those inputs contributed nothing
+        "skipped_files": {units[i].name: why for i, why in sorted(corpus.bad_files.items())},
         # {subset ("" without --split-by): output prefix}, or with --no-merge {subset: [shard prefixes]}
         "outputs": outputs,
         "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in total.subsets.items()}
@@ -236,7 +269,8 @@ def _already_complete(stats_path, fp, args) -> bool:
     previous = _read_json(stats_path)
     if not previous:
         return False
-    if previous.get("fingerprint") == fp and previous.get("merged") == (not args.no_merge) and all(
+    skipped_ok = args.skip_bad_files or not previous.get("skipped_files")   # else: retry, and fail, on those
+    if previous.get("fingerprint") == fp and previous.get("merged") == (not args.no_merge) and skipped_ok and all(
             os.path.isfile(p + ext) for p in _output_prefixes(previous["outputs"]) for ext in (".bin", ".idx")):
         return True
     os.remove(stats_path)  # a new run: never leave an old "complete" marker beside new outputs
@@ -256,6 +290,10 @@ def _prepare_shard_dir(shard_dir, fp, units):
 
 def _merge_or_list_shards(corpus, total: UnitStats, args) -> dict:
     """Merge each subset's shards (in input order) into PREFIX<suffix>; with --no-merge just list them."""
+    clash = subset_collisions(total.subsets)
+    if clash:   # checked before any output is written
+        raise DataError(f"--split-by values {clash[0]!r} and {clash[1]!r} map to the same output name; "
+                        "rename one of them in the data")
     outputs = {}
     for name in sorted(total.subsets):
         suffix = total.subsets[name]["suffix"]

@@ -9,39 +9,13 @@ import time
 from pathlib import Path
 
 import numpy
-import pytest
-import zstandard
 
 from data_prep import merge, tokenize
 from data_prep.cli import run_main
-from data_prep.hf_tokenizer import load_tokenizer
+from tests.helpers import GPT2, ROOT, SOTU_BPE, expected_ids, read_back, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-GPT2 = str(ROOT / "assets/tokenizers/gpt2")
-SOTU_BPE = str(ROOT / "assets/tokenizers/sotu-bpe-8k")
 TEXTS = ["Fellow citizens of the Senate and House of Representatives:", "naïve café — 日本語 🚀\n\nline two",
          "It has <|endoftext|> inside.", "  leading spaces and trailing  ", "The Union is strong. " * 300]
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer(GPT2)
-
-
-def read_back(prefix):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    ds = IndexedDataset(str(prefix))
-    return [ds[i].tolist() for i in range(len(ds))], ds.index.dtype
-
-
-def expected_ids(tok, texts):
-    return [tok.encode(t) + [tok.eos_token_id] for t in texts]
-
-
-def write_jsonl(path, texts, subset="S", zst=False):
-    data = b"".join(json.dumps({"text": t, "meta": {"pile_set_name": subset}}).encode() + b"\n" for t in texts)
-    path.write_bytes(zstandard.ZstdCompressor().compress(data) if zst else data)
-    return path
 
 
 def run(argv, capsys=None):

@@ -1,48 +1,21 @@
 """HF export / import: vanilla transformers loads the base, the remote code decodes like ours, round trips."""
 import json
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_pretrain import SMALL, cli  # noqa: E402
+from tests.helpers import SMALL, cli
 
 MODES = ("standard", "recycle", "verify")
 
 
 @pytest.fixture(scope="module")
-def small_prefix(tmp_path_factory):
-    """A slice of the bundled corpus, many documents (the split needs some in every part), tokenized."""
-    import io
-
-    import zstandard
-    out = tmp_path_factory.mktemp("hfdata")
-    docs, size = [], 0
-    with open(ROOT / "assets/corpus/sotu.jsonl.zst", "rb") as f:
-        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
-            for para in json.loads(line)["text"].split("\n"):
-                if para.strip():
-                    docs.append(para)
-                    size += len(para)
-            if size > 150_000:
-                break
-    (out / "small.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    cli("-m", "data_prep.tokenize", "--input", str(out / "small.jsonl"), "--tokenizer",
-        "assets/tokenizers/sotu-bpe-8k", "--output-prefix", str(out / "sotu"), "--workers", "1")
-    return str(out / "sotu")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, small_prefix):
+def exported(tmp_path_factory, sotu_paragraphs_prefix):
     from pretrain.export_hf import main as export_main
 
     base = tmp_path_factory.mktemp("hf")
     run = base / "run"
-    cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{small_prefix}]",
+    cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{sotu_paragraphs_prefix}]",
         f"run.dir={run}", "train.steps=2", "log.plot=false", "log.tensorboard=false")
     assert export_main(["--checkpoint", str(run), "--output", str(base / "hf")]) == 0
     return run, base / "hf"
@@ -155,7 +128,7 @@ def test_plain_llama_import_gets_a_fresh_module(exported, tmp_path, capsys):
     assert model.recycle is not None and model.cfg.recycle_layers == 1
 
 
-def test_training_continues_from_an_imported_run(exported, tmp_path, small_prefix):
+def test_training_continues_from_an_imported_run(exported, tmp_path, sotu_paragraphs_prefix):
     """pretrain.train on an imported RUN_DIR starts from RUN_DIR/init, not from random weights."""
     from pretrain.config import load_config
     from pretrain.data import Batches, build_run_datasets
@@ -164,7 +137,7 @@ def test_training_continues_from_an_imported_run(exported, tmp_path, small_prefi
     run, hf = exported
     run2 = tmp_path / "run2"
     assert import_main(["--hf", str(hf), "--output", str(run2)]) == 0
-    overrides = [f"data.prefixes=[{small_prefix}]", "data.tokenizer=assets/tokenizers/sotu-bpe-8k",
+    overrides = [f"data.prefixes=[{sotu_paragraphs_prefix}]", "data.tokenizer=assets/tokenizers/sotu-bpe-8k",
                  "train.steps=1", "train.micro_batch_size=2", "train.global_batch_size=2", "train.seq_length=64",
                  "log.plot=false", "log.tensorboard=false", f"run.dir={run2}"]
     cli("-m", "pretrain.train", "--config", str(run2 / "config.yaml"), *overrides)

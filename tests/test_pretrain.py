@@ -1,6 +1,5 @@
 """End to end on one process: the training CLI on a small tiny-preset variant, resume, config errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -8,27 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.ffn_hidden_size=128", "model.max_seq_len=64", "train.seq_length=64", "train.micro_batch_size=2",
-         "train.global_batch_size=4", "train.eval_interval=3", "train.eval_iters=2", "train.log_interval=1",
-         "train.warmup_steps=2"]
-
-
-def cli(*args, check=True, env=None, timeout=600):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def sotu_prefix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "sotu"
-    cli("-m", "data_prep.tokenize", "--input", "assets/corpus/sotu.jsonl.zst", "--tokenizer",
-        "assets/tokenizers/sotu-bpe-8k", "--output-prefix", str(out), "--workers", "1")
-    return str(out)
+from tests.helpers import ROOT, SMALL, cli
 
 
 def train(run_dir, prefix, *extra, check=True):

@@ -33,13 +33,8 @@ RTOL = {"loss": 1e-4, "lm_loss": 1e-4, "recycle_loss": 1e-4, "grad_norm": 5e-4, 
 
 
 @pytest.fixture(scope="module")
-def prefix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "sotu"
-    proc = subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--input", "assets/corpus/sotu.jsonl.zst",
-                           "--tokenizer", "assets/tokenizers/sotu-bpe-8k", "--output-prefix", str(out),
-                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return str(out)
+def prefix(sotu_prefix):
+    return sotu_prefix
 
 
 def train(nproc: int, run_dir: Path, prefix: str, steps: int, *layout: str) -> str:

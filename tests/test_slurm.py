@@ -213,22 +213,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def sotu(cluster, tmp_path_factory):
-    """The first 24 State of the Union addresses (~200k tokens), tokenized in this process by data_prep.tokenize
-    (no worker processes): the jobs need real data, not much of it, and this file has a time budget."""
-    import io
-
-    import zstandard
-
-    from data_prep.tokenize import main as tokenize
-
-    folder = tmp_path_factory.mktemp("slurm_data")
-    with open(REPO / "assets/corpus/sotu.jsonl.zst", "rb") as f:
-        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
-        (folder / "sotu.jsonl").write_text("".join(line for _, line in zip(range(24), reader)))
-    assert tokenize(["--input", str(folder / "sotu.jsonl"), "--tokenizer", str(REPO / "assets/tokenizers/sotu-bpe-8k"),
-                     "--output-prefix", str(folder / "sotu"), "--workers", "0"]) == 0
-    return folder / "sotu"
+def sotu(cluster, sotu_prefix):
+    """The bundled corpus, tokenized once per session (tests/conftest.py); only once a cluster answers."""
+    return sotu_prefix
 
 
 def job_info(job_id: str) -> dict:
