@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     objective = RecycleObjective(target=args.target, depth=args.train_depth,
                                  depth_weights=tuple(1.0 / j for j in range(1, args.train_depth + 1)))
-    results = {}
+    results, mismatch = {}, False
     for zero in (int(z) for z in args.zero.split(",")):
         record = run_layout(args.tp, args.pp, zero, args.steps, args.global_batch, args.micro_batch, args.seq,
                             out_dir / f"ckpt_zero{zero}" if args.save else None, args.detach_base,
@@ -276,8 +276,9 @@ def main(argv=None) -> int:
             bad = {k: v for k, v in diffs.items() if isinstance(v, float) and not v <= 1e-4}
             if bad:
                 print(f"MISMATCH (relative tolerance 1e-4): {bad}")
+                mismatch = True
     destroy()
-    return 0
+    return 1 if mismatch else 0   # a launcher or CI script must see the failure, not only a printed line
 
 
 if __name__ == "__main__":
