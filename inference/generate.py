@@ -12,6 +12,7 @@ Under a launcher every rank runs the same decode loop on its tensor-parallel sha
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def read_prompts(args) -> list[str]:
 
 
 def main(argv=None) -> int:
+    # stdout carries the generated text and nothing else, so it can be piped. Libraries that print while loading
+    # (DeepSpeed's logger writes its accelerator line to whatever stdout was when it was first imported) go to
+    # stderr: everything runs with stdout pointed there, and only the text is printed to the real one.
+    text_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _main(argv, text_out)
+
+
+def _main(argv, text_out) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
@@ -94,7 +104,7 @@ def generate(args, model, tokenizer, texts, draft_len, sampling) -> int:
     if not tp_loading.is_rank0():
         return 0
     blocks = [tokenizer.decode(p + row.tokens, skip_special_tokens=True) for p, row in zip(prompts, out.rows)]
-    print("\n\n".join(blocks))
+    print("\n\n".join(blocks), file=text_out)
     for row in out.rows:
         print(stats_line(row.stats), file=sys.stderr)
     if len(out.rows) > 1:

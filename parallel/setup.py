@@ -20,6 +20,16 @@ import torch.distributed as dist
 from parallel.dims import ParallelDims
 
 
+# Seconds a rank waits to reach the rendezvous (MASTER_ADDR:MASTER_PORT) before it gives up with one clear line.
+# torch's own default is the 30-minute collective timeout: an unreachable master would burn the allocation.
+RENDEZVOUS_TIMEOUT_ENV = "RECYCLEGPT_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 60.0
+
+
+class RendezvousError(RuntimeError):
+    """The ranks cannot meet: MASTER_ADDR does not resolve or MASTER_ADDR:MASTER_PORT cannot be reached."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,8 +131,12 @@ def init_distributed(dims: ParallelDims, backend: str | None = None, timeout_min
     device = torch.device("cuda", local_rank) if on_gpu and backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
+                             world, timeout)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    # DeepSpeed wraps the process group that is already there
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     rank = dist.get_rank()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -136,6 +150,30 @@ def init_distributed(dims: ParallelDims, backend: str | None = None, timeout_min
     pp_rank, dp_rank, tp_rank = dims.coords(rank)
     _CTX = DistContext(dims, rank, local_rank, tp_rank, pp_rank, dp_rank, backend, device, topology, grid)
     return _CTX
+
+
+def rendezvous_store(addr: str, port: int, rank: int, world: int, timeout):
+    """The TCPStore every rank meets at, connected within RECYCLEGPT_RENDEZVOUS_TIMEOUT seconds (default 60) or a
+    RendezvousError; once connected, the store waits as long as the collectives (`timeout`)."""
+    import datetime
+
+    connect_s = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or DEFAULT_RENDEZVOUS_TIMEOUT_S)
+    fix = ("set MASTER_ADDR to an address of the rank-0 host that every node reaches (in a Slurm job: the head "
+           "node's NodeAddr from `scontrol show node`)")
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RendezvousError(f"rank {rank}: MASTER_ADDR={addr} does not resolve ({e.strerror}); {fix}") from None
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=connect_s), wait_for_workers=False)
+    except (RuntimeError, OSError) as e:   # torch's DistNetworkError / DistStoreError, or the bind itself
+        cause = " ".join(str(e).split("\n")[0].split())[:200]
+        raise RendezvousError(f"rank {rank}: could not reach the rendezvous MASTER_ADDR={addr} MASTER_PORT={port} "
+                              f"within {connect_s:.0f} s ({cause}); {fix}, and check that the port is open "
+                              f"(wait longer with {RENDEZVOUS_TIMEOUT_ENV}=SECONDS)") from None
+    store.set_timeout(timeout)
+    return store
 
 
 def check_agreement(dims: ParallelDims, topology, rank: int):

@@ -59,7 +59,12 @@ def main(argv=None) -> int:
     StopRequested.install()   # before the slow start-up, so an early SLURM warning is honoured at step 1
     from pretrain.runtime import build_runtime
 
-    runtime = build_runtime(cfg)
+    from parallel.setup import RendezvousError
+    try:
+        runtime = build_runtime(cfg)
+    except RendezvousError as e:   # the ranks cannot meet: one line and exit 1, not a 30-minute hang
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     setup_logging(runtime.rank)
     logging.getLogger("recyclegpt.train").info(
         "run %s: %s, world %d (tp %d, pp %d, dp %d), zero %d, %s", cfg.run.dir, cfg.model.preset,

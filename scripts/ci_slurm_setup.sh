@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start a one-node Slurm cluster on localhost for tests/test_slurm.py (DESIGN.md §7: "a real Slurm
 # controller for the SLURM path"). Installs slurmctld/slurmd/slurm-client/munge from apt when missing,
-# writes a slurm.conf for node `localhost`, starts munged, slurmctld and slurmd in the background, and waits
+# writes a slurm.conf for one node (NodeAddr 127.0.0.1), starts munged, slurmctld and slurmd in the background, and waits
 # until the node takes jobs. Idempotent: a cluster that already answers `sinfo` with an idle node is left
 # alone, so running it twice is safe. Needs root (apt, daemons). Exit 0 with one clear line at the end.
+# The node's NodeName does not resolve in DNS (NodeAddr=127.0.0.1), as on many cloud and elastic clusters: jobs
+# must reach the head node by its NodeAddr, never by its name.
 #
 #   bash scripts/ci_slurm_setup.sh            # install if needed, configure, start, wait
 #   bash scripts/ci_slurm_setup.sh --stop     # stop the daemons this script started
@@ -15,6 +17,7 @@ set -euo pipefail
 BASE=${RECYCLEGPT_SLURM_DIR:-/var/tmp/recyclegpt-slurm}
 CONF=/etc/slurm/slurm.conf
 MARKER="# recyclegpt local test cluster (scripts/ci_slurm_setup.sh)"
+NODE=rg-node-without-dns   # a NodeName no resolver knows; slurmctld reaches it at NodeAddr
 say() { echo "ci_slurm_setup: $*"; }
 die() { echo "ci_slurm_setup: error: $*" >&2; exit 1; }
 
@@ -30,9 +33,9 @@ stop_daemons() {
   done
 }
 
-node_ready() {   # the partition answers and localhost is idle/mixed/allocated (not down/drained)
+node_ready() {   # the partition answers and the node is idle/mixed/allocated (not down/drained)
   local state
-  state=$(timeout 10 sinfo -h -n localhost -o '%T' 2>/dev/null | head -1) || return 1
+  state=$(timeout 10 sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -1) || return 1
   [[ "$state" =~ ^(idle|mixed|allocated|completing)$ ]]
 }
 
@@ -120,8 +123,8 @@ SlurmdTimeout=60
 KillWait=10
 MinJobAge=900
 InactiveLimit=0
-NodeName=localhost CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$(hostname) CPUs=$CPUS State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
 if ! cmp -s "$NEW_CONF" "$CONF" 2>/dev/null; then
   install -m 644 "$NEW_CONF" "$CONF"
@@ -145,14 +148,14 @@ if ! running slurmctld; then
 fi
 if ! running slurmd; then
   say "starting slurmd (log $BASE/log/slurmd.log)"
-  slurmd -N localhost || die "slurmd did not start; see $BASE/log/slurmd.log"
+  slurmd -N "$NODE" || die "slurmd did not start; see $BASE/log/slurmd.log"
 fi
 
 for _ in $(seq 60); do
   node_ready && break
   # A node left DOWN/DRAINED by an earlier run (e.g. killed daemons) is put back in service.
-  state=$(timeout 10 sinfo -h -n localhost -o '%T' 2>/dev/null | head -1 || true)
-  if [[ "$state" =~ (down|drain) ]]; then scontrol update nodename=localhost state=resume 2>/dev/null || true; fi
+  state=$(timeout 10 sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -1 || true)
+  if [[ "$state" =~ (down|drain) ]]; then scontrol update nodename="$NODE" state=resume 2>/dev/null || true; fi
   sleep 1
 done
 node_ready || die "the node did not become idle within 60 s: $(sinfo -N -l 2>&1 | tail -2); logs in $BASE/log"

@@ -85,6 +85,16 @@ def test_generate_cli_and_import_export_round_trip(exported, tmp_path):
     proc = cli("-m", "inference.generate", "--model", str(hf), "--prompt", "The Congress", "--mode", "verify",
                "--max-new-tokens", "5")
     assert proc.stdout.startswith("The Congress") and "[verify] 5 tokens" in proc.stderr
+    # a training run directory is read through DeepSpeed, whose logger prints its accelerator line on import:
+    # stdout must be the generated text alone, so that piped output is the same on every run
+    from inference.decoding import greedy_generate
+    model, tok = ours(run)
+    prompt = tok.encode("The Congress")
+    want = tok.decode(prompt + greedy_generate(model, prompt, "verify", 5, eos_id=tok.eos_token_id).tokens,
+                      skip_special_tokens=True)
+    proc = cli("-m", "inference.generate", "--model", str(run), "--prompt", "The Congress", "--mode", "verify",
+               "--max-new-tokens", "5")
+    assert proc.stdout == want + "\n", proc.stdout
     assert import_main(["--hf", str(hf), "--output", str(tmp_path / "run2")]) == 0
     from inference.loading import load_model_dir
     model2, tok2 = load_model_dir(tmp_path / "run2", torch.float32, "cpu")   # imported, not trained yet

@@ -141,7 +141,6 @@ def test_verify_tau_tracks_acceptance():
     model = mirror_module(random_model())
     ver = greedy_generate(model, PROMPTS[1], "verify", 60)
     s = ver.stats
-    assert s.tau == pytest.approx(s.new_tokens / s.full_forwards)
     assert s.tau > 1.3
     assert s.tau == pytest.approx(1 + s.acceptance_rate, abs=0.1)
 
