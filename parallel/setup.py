@@ -165,8 +165,11 @@ def rendezvous_store(addr: str, port: int, rank: int, world: int, timeout):
     except socket.gaierror as e:
         raise RendezvousError(f"rank {rank}: MASTER_ADDR={addr} does not resolve ({e.strerror}); {fix}") from None
     try:
-        store = dist.TCPStore(addr, port, world, is_master=rank == 0,
-                              timeout=datetime.timedelta(seconds=connect_s), wait_for_workers=False)
+        # Under torchrun the agent already hosts the store at MASTER_PORT (as torch's env:// rendezvous knows).
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent_store,
+                              timeout=datetime.timedelta(seconds=connect_s), wait_for_workers=False,
+                              multi_tenant=True)
     except (RuntimeError, OSError) as e:   # torch's DistNetworkError / DistStoreError, or the bind itself
         cause = " ".join(str(e).split("\n")[0].split())[:200]
         raise RendezvousError(f"rank {rank}: could not reach the rendezvous MASTER_ADDR={addr} MASTER_PORT={port} "
