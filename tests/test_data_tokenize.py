@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy
+import pytest
 
 from data_prep import merge, tokenize
 from data_prep.cli import run_main
@@ -147,6 +148,7 @@ def test_worker_count_does_not_change_bytes_and_rerun_is_a_noop(tmp_path, capsys
     assert json.loads((tmp_path / "k.stats.json").read_text())["shards_resumed"] == 1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
     many = [f"Document {i}: " + TEXTS[i % 4] for i in range(1500)]  # 2 batches (of <= 1024 docs) per file
     inputs = [write_jsonl(tmp_path / f"part{i}.jsonl", many) for i in range(3)]
@@ -193,6 +195,7 @@ def test_merge_refuses_missing_and_mixed_dtype_inputs(tmp_path, capsys):
     assert err.count("\n") == 1 and "different vocabularies" in err and not (tmp_path / "m.idx").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "empty_tok").mkdir()
     write_jsonl(tmp_path / "a.jsonl", ["x"])

@@ -6,6 +6,8 @@ import torch
 
 from tests.helpers import SMALL, cli
 
+pytestmark = pytest.mark.slow   # trains a run through the CLI first (module fixture)
+
 MODES = ("standard", "recycle", "verify")
 
 

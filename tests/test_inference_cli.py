@@ -22,6 +22,7 @@ def run(*args):
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, expected", [
     (["inference.generate", "--model", "/no/such/run", "--prompt", "x"], "no such directory"),
     (["inference.generate", "--preset", "tiny", "--random-init", "--prompt", "x", "--mode", "beam"],
@@ -48,6 +49,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, expected):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_runs_on_a_random_preset():
     r = run("inference.generate", "--preset", "tiny", "--random-init", "--prompt", "The union is",
             "--mode", "verify", "--max-new-tokens", "6", "--ignore-eos")
@@ -99,6 +101,7 @@ def test_benchmark_draft_lens_batch_and_sampling(tmp_path):
         modes["verify_k3"]["tau_cycle"] / (costs["cost_ratio"][str(k + 1)] + k * costs["f"]))
 
 
+@pytest.mark.slow
 def test_generate_batch_file(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The union is\n\nWe the people of the United States\n")

@@ -18,6 +18,8 @@ from parallel.check import CFG, compare, reference_run
 from parallel.setup import free_port
 from parallel.tensor_parallel import unshard_state_dicts
 
+pytestmark = pytest.mark.slow   # several gloo processes per test
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL, MICRO, SEQ = 5, 8, 2, 16
 TOL = 1e-4

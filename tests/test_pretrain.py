@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import ROOT, SMALL, cli
 
+pytestmark = pytest.mark.slow   # the training CLI, end to end
+
 
 def train(run_dir, prefix, *extra, check=True):
     return cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *SMALL, f"data.prefixes=[{prefix}]",
@@ -99,6 +101,7 @@ def forward(self, *args, **kwargs):
     return out
 RecycleGPT.forward = forward
 from pretrain.train import main
+
 sys.exit(main(sys.argv[2:]))
 """
 

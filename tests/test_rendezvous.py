@@ -1,14 +1,13 @@
 """An unreachable or unresolvable MASTER_ADDR is one clear line and a non-zero exit within the rendezvous timeout
 (RECYCLEGPT_RENDEZVOUS_TIMEOUT), not torch's 30-minute default (issue 10, bug 2b)."""
 import datetime
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from parallel.setup import RENDEZVOUS_TIMEOUT_ENV, RendezvousError, free_port, rendezvous_store
-from tests.helpers import QUIET, ROOT, SMALL, clean_env, cli
+from tests.helpers import QUIET, SMALL, clean_env, cli
 
 LONG = datetime.timedelta(minutes=30)
 

@@ -19,6 +19,8 @@ import pytest
 
 from parallel.setup import free_port
 
+pytestmark = pytest.mark.slow   # torchrun training runs
+
 ROOT = Path(__file__).resolve().parent.parent
 # tests/test_pretrain.py's SMALL model with 2 key/value heads (tp=2 must divide them) and a constant LR.
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",

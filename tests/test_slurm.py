@@ -177,6 +177,7 @@ def test_hostile_run_dir_stays_text(tmp_path, fake_data, monkeypatch, capsys, na
     assert f"--output={tmp_path / name}/slurm/job_%j.out" in sbatch_options(text)
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line(tmp_path):
     """The real entry point: one line on stderr, exit code 2, before sbatch is ever looked at."""
     out = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "configs/nope.yaml", "--nodes", "1",
@@ -271,6 +272,7 @@ def cancel_afterwards():
         subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
 
 
+@pytest.mark.slow
 def test_sbatch_refusal_is_one_line(tmp_path, sotu):
     """A job the cluster refuses (unknown partition): sbatch's reason on one line, exit code 1."""
     out = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "configs/tiny.yaml", "--nodes", "1",
