@@ -10,27 +10,17 @@ import os
 import struct
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy
 import torch
 
+from data_prep.data_config import DataConfig
 from data_prep.hf_tokenizer import load_tokenizer, token_dtype  # noqa: F401  (load_tokenizer re-exported)
 
 TOKENIZE_HINT = "python -m data_prep.tokenize --input FILES --tokenizer DIR --output-prefix {prefix}"
 
 
-@dataclass
-class DataConfig:
-    """The `data:` section of the training YAML."""
-    prefixes: list           # [[weight, prefix], ...] or plain prefix strings (weight 1.0); prefix = path without .bin/.idx
-    split: str = "98,2,0"    # train,valid,test weights, as Megatron's --split
-    tokenizer: str = "assets/tokenizers/sotu-bpe-8k"
-    cache_dir: str = ""      # index cache; "" -> <folder of the first prefix>/index-cache
-    eod_mask_loss: bool = False
-    num_workers: int = 0     # DataLoader workers
-    valid_prefixes: list = field(default_factory=list)  # separate validation corpus; then test is None
 
 
 class MegatronHFTokenizer:

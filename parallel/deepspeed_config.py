@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, check_precision, check_zero
 
 
 def use_bf16(precision: str = "auto") -> bool:
     """auto: bf16 on a GPU, fp32 on a CPU (CPU bf16 matmuls are slow and DeepSpeed's CPU path is fp32)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision={precision!r}; valid: auto, bf16, fp32")
+    check_precision(precision)
     if precision == "auto":
         return torch.cuda.is_available()
     if precision == "bf16" and not torch.cuda.is_available():
@@ -31,14 +30,6 @@ def merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def check_zero(zero_stage: int, pp: int):
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={zero_stage}; valid: 0, 1, 2, 3")
-    if pp > 1 and zero_stage > 1:
-        raise ValueError(f"parallel.zero_stage={zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline engine "
-                         "supports ZeRO stage 0 or 1 only; use parallel.zero_stage=1, or parallel.pp=1 for ZeRO 2/3")
 
 
 def deepspeed_config(dims: ParallelDims, *, micro_batch: int, global_batch: int, grad_clip: float = 1.0,

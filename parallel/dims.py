@@ -15,6 +15,33 @@ from dataclasses import dataclass
 from model.config import ModelConfig
 
 
+# ------------------------------------------------------------------ layout rules (each checked here only)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(precision: str):
+    """The value only: whether bf16 is usable is the machine's question (deepspeed_config.use_bf16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def check_zero(zero_stage: int, pp: int):
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage}; valid: 0, 1, 2, 3")
+    if pp > 1 and zero_stage > 1:
+        raise ValueError(f"parallel.zero_stage={zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline engine "
+                         "supports ZeRO stage 0 or 1 only; use parallel.zero_stage=1, or parallel.pp=1 for ZeRO 2/3")
+
+
+def check_detach_base(detach_base: bool, pp: int):
+    if detach_base and pp > 1:
+        # A frozen base leaves the stages before the last without gradients to send back, and DeepSpeed's
+        # pipeline schedule always sends them.
+        raise ValueError("recycle.detach_base=true with parallel.pp>1: DeepSpeed's pipeline backpropagates through "
+                         "every stage, and with a frozen base no stage before the last has a gradient to send; "
+                         "train the module with parallel.pp=1 (TP and ZeRO work)")
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.objective import LossOutput, RecycleObjective
 from model.spec import LocalSpec
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, check_detach_base
 from parallel.setup import current
 
 
@@ -44,10 +44,7 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
     from parallel.tensor_parallel import TensorParallelSpec, build_tp_model
 
     dims.validate_model(model_cfg)
-    if detach_base and dims.pp > 1:
-        raise ValueError("recycle.detach_base=true with parallel.pp>1: DeepSpeed's pipeline backpropagates through "
-                         "every stage, and with a frozen base no stage before the last has a gradient to send; "
-                         "train the module with parallel.pp=1 (TP and ZeRO work)")
+    check_detach_base(detach_base, dims.pp)
     if optimizer_factory is None and "optimizer" not in ds_config:
         raise ValueError("build_engine needs an optimizer_factory or an 'optimizer' section in the DeepSpeed config")
     ctx = current()

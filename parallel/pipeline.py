@@ -30,6 +30,7 @@ from model.config import ModelConfig
 from model.objective import LossOutput, RecycleObjective
 from model.layers import DecoderLayer, RMSNorm, Rotary
 from model.recycle import RecyclableModule
+from parallel.dims import check_detach_base
 from parallel.tensor_parallel import load_init, mark_replicated
 
 
@@ -154,10 +155,7 @@ class RecyclePipe(PipelineModule):
     def __init__(self, cfg: ModelConfig, spec, topology, seed: int | None = None,
                  objective: RecycleObjective = RecycleObjective(), detach_base: bool = False,
                  activation_checkpointing: bool = False):
-        if detach_base:
-            # A frozen base leaves the stages before the last without gradients to send back, and DeepSpeed's
-            # schedule always sends them. Module-only training runs with pp == 1 (see engine.build_engine).
-            raise ValueError("recycle.detach_base=true needs parallel.pp=1")
+        check_detach_base(detach_base, topology.get_dim("pipe"))
         self.cfg, self.spec, self.objective = cfg, spec, objective
         counts = stage_layer_counts(cfg, topology.get_dim("pipe"))
         bounds = [0]

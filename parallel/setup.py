@@ -196,6 +196,16 @@ def check_agreement(dims: ParallelDims, topology, rank: int):
                                f"DeepSpeed {sorted(ds)}")
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (collective; just `flag` without a process group). The one
+    way ranks agree on a decision: stop and save together, fail a checkpoint load together."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def seed_everything(seed: int, dims: ParallelDims | None = None) -> int:
     """The same seed on every rank, for python, numpy and torch (CPU and CUDA).
 

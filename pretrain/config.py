@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.data_config import DataConfig
 from model.config import PRESETS, ModelConfig, preset
+from parallel.dims import check_precision, check_zero
 
 
 class ConfigError(ValueError):
@@ -83,21 +85,9 @@ class RecycleSection:
 
 
 @dataclass
-class DataSection:
-    prefixes: list = field(default_factory=list)        # [[weight, prefix], ...] or [prefix, ...]
-    valid_prefixes: list = field(default_factory=list)  # optional separate validation corpus
-    split: str = "98,2,0"
-    tokenizer: str = "assets/tokenizers/sotu-bpe-8k"
-    cache_dir: str = ""
-    eod_mask_loss: bool = False
-    num_workers: int = 0
-
-
-@dataclass
 class CheckpointSection:
     interval: int = 50
     keep_last: int = 3
-    load: str = ""                   # another run's checkpoints/ to start from (fine-tuning); "" = resume own
 
 
 @dataclass
@@ -117,7 +107,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
     recycle: RecycleSection = field(default_factory=RecycleSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)   # data_prep's schema, not a copy
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     run: RunSection = field(default_factory=RunSection)
@@ -182,6 +172,19 @@ def _apply_override(tree: dict, path: list[str], value):
     node[path[-1]] = value
 
 
+# Keys that did nothing and were removed; a run directory saved before then still loads when they hold their old
+# default. Any other value would have been silently ignored back then: say so.
+REMOVED_KEYS = {("checkpoint", "load"): "", ("data", "num_workers"): 0}
+
+
+def _drop_removed_keys(tree: dict):
+    for (section, key), default in REMOVED_KEYS.items():
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            if node.pop(key) != default:
+                raise ConfigError(f"{section}.{key} was never used and has been removed; delete it from the config")
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     tree: dict = {}
     if path:
@@ -200,6 +203,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
                          "overrides": {**(model.get("overrides") or {}), **extra}}
     for text in overrides:
         _apply_override(tree, *parse_override(text))
+    _drop_removed_keys(tree)
     cfg = _build(RunConfig, tree, "")
     validate(cfg)
     return cfg
@@ -212,14 +216,15 @@ def validate(cfg: RunConfig):
                 "log_interval", "max_bad_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision={t.precision!r}; valid: auto, fp32, bf16")
     if t.seq_length > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_length={t.seq_length} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}; valid: 0, 1, 2, 3")
+    try:   # the rules live with the DeepSpeed config (parallel/), which applies them again to a user's JSON
+        check_precision(t.precision)
+        check_zero(cfg.parallel.zero_stage, cfg.parallel.pp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 1")
     if not cfg.data.prefixes:

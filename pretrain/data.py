@@ -5,8 +5,6 @@ data-parallel size) continues with exactly the samples an uninterrupted run woul
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
@@ -14,13 +12,12 @@ from pretrain.config import RunConfig
 
 
 def build_run_datasets(cfg: RunConfig, dp_size: int):
-    from data_prep.datasets import DataConfig, build_datasets
+    from data_prep.datasets import build_datasets
 
     t = cfg.train
-    data_cfg = DataConfig(**dataclasses.asdict(cfg.data))
     n_train = t.steps * t.global_batch_size
     n_valid = t.eval_iters * t.micro_batch_size * dp_size
-    train, valid, _ = build_datasets(data_cfg, t.seq_length, cfg.seed, (n_train, n_valid, 0))
+    train, valid, _ = build_datasets(cfg.data, t.seq_length, cfg.seed, (n_train, n_valid, 0))
     return train, valid
 
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from parallel.setup import any_rank
 
 log = logging.getLogger("recyclegpt.train")
 
@@ -79,14 +80,6 @@ def _model_config(engine, tag_dir: Path):
     return saved
 
 
-def _all_ok(ok: bool) -> bool:
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([0 if ok else 1])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item() == 0
-    return ok
-
-
 @torch.no_grad()
 def load_resharded(engine, tag_dir: Path, saved: Layout, now: Layout) -> dict:
     """Load tag `tag_dir` (written under `saved`) into `engine` (built under `now`) on every rank; returns the
@@ -105,7 +98,7 @@ def load_resharded(engine, tag_dir: Path, saved: Layout, now: Layout) -> dict:
         ds_states = _load_ds(_model_states_path(tag_dir, 0))
     except Exception as e:                     # every rank raises together instead of the others hanging
         error = e
-    if not _all_ok(error is None):
+    if any_rank(error is not None):
         raise RuntimeError(f"could not load {tag_dir} (saved with {saved}) under {now}") from error
 
     sched = engine.lr_scheduler

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from model.objective import LossOutput
 from parallel.deepspeed_config import deepspeed_config
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, check_detach_base
 from pretrain.config import RunConfig
 from pretrain.flops import throughput_row
 from pretrain.optim import make_optimizer, make_scheduler
@@ -36,9 +36,7 @@ def validate_parallel(cfg: RunConfig):
     dims.grad_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     ds_config(cfg, dims)
     check_module_init(cfg)
-    if cfg.recycle.detach_base and dims.pp > 1:
-        raise ValueError("recycle.detach_base=true needs parallel.pp=1 (the pipeline sends a gradient back "
-                         "through every stage); train the module with tp/ZeRO instead")
+    check_detach_base(cfg.recycle.detach_base, dims.pp)
 
 
 @dataclass

@@ -8,8 +8,8 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 
+from parallel.setup import any_rank
 from pretrain import checkpoint
 from pretrain.config import RunConfig, save_config
 from pretrain.data import Batches, build_run_datasets
@@ -41,15 +41,6 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
-
-
-def all_ranks_agree(flag: bool) -> bool:
-    """True if any rank saw the flag (so every rank saves and stops together)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class Trainer:
@@ -143,7 +134,7 @@ class Trainer:
                     metrics.log({"step": self.step, "split": "valid", **ev})
                     log.info("step %d valid: lm %.4f  recycle %.4f  ppl %.1f", self.step, ev["lm_loss"],
                              ev["recycle_loss"], ev["ppl"])
-            if all_ranks_agree(stop.signal is not None):
+            if any_rank(stop.signal is not None):
                 self.save()
                 log.info("RECYCLEGPT_STOPPED_FOR_REQUEUE: received %s, saved step_%d, exiting cleanly",
                          stop.signal or "a stop request", self.step)
