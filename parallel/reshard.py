@@ -205,10 +205,25 @@ def _full_name(local: str, prefixes) -> str:
     return local
 
 
-def _torch_optimizer_names(cfg: ModelConfig, pp: int, stage: int, group_sizes: list[int]) -> list[str] | None:
-    """Names of a torch optimizer's parameter indices: pretrain.optim.param_groups puts the trainable
-    matrices first, then the vectors, each in module order. Trainable: everything, or the module only
-    (recycle.detach_base); whichever matches the saved group sizes. None if neither does."""
+OPTIMIZER_NAMES_KEY = "optimizer_param_names"   # client state of each model-parallel rank's model_states file
+
+
+def optimizer_param_names(engine) -> list[list[str]]:
+    """One-device names of the torch optimizer's parameters, group by group, on this rank: saved with every
+    checkpoint (under OPTIMIZER_NAMES_KEY) so a reader maps optimizer indices to parameters without guessing."""
+    optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    names = {id(p): n for n, p in full_named_parameters(engine.module)}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _torch_optimizer_names(cfg: ModelConfig, pp: int, stage: int, group_sizes: list[int],
+                           saved: list[list[str]] | None = None) -> list[str] | None:
+    """Names of a torch optimizer's parameter indices. Checkpoints save them (optimizer_param_names); for tags
+    written before that, rebuild them: pretrain.optim.param_groups puts the trainable matrices first, then the
+    vectors, each in module order. Trainable: everything, or the module only (recycle.detach_base); whichever
+    matches the saved group sizes. None if neither does."""
+    if saved is not None and [len(g) for g in saved] == group_sizes and all(n for g in saved for n in g):
+        return [n for g in saved for n in g]
     shapes = _meta_shapes(cfg)
     names = stage_parameter_names(cfg, pp, stage)
     for trainable in (lambda n: True, lambda n: n.startswith("recycle.")):
@@ -226,14 +241,14 @@ def _torch_optimizer_names(cfg: ModelConfig, pp: int, stage: int, group_sizes: l
 # for one model-parallel rank; moments None when that rank has none. Functions keep the concatenation of
 # partitions for later, so only one parameter is ever materialised in full.
 
-def _read_torch_optimizer(opt_sd: dict, cfg, pp, stage, keep):
+def _read_torch_optimizer(opt_sd: dict, cfg, pp, stage, keep, saved_names=None):
     """ZeRO 0: fp32 masters (FP16_UnfusedOptimizer only, else {}) and moments from a torch optimizer dict."""
     masters = opt_sd.get("fp32_groups") if "optimizer_state_dict" in opt_sd else None
     base = opt_sd["optimizer_state_dict"] if masters is not None else opt_sd
     if "param_groups" not in base or "state" not in base:
         return None
     indices = [i for g in base["param_groups"] for i in g["params"]]
-    names = _torch_optimizer_names(cfg, pp, stage, [len(g["params"]) for g in base["param_groups"]])
+    names = _torch_optimizer_names(cfg, pp, stage, [len(g["params"]) for g in base["param_groups"]], saved_names)
     if names is None:
         return None
     w, m1, m2, step = {}, {}, {}, None
@@ -378,8 +393,10 @@ def training_state(tag_dir: str | Path, cfg: ModelConfig, keep=None, tp_rank: in
             elif _optim_path(tag_dir, 0, mp).is_file():
                 got = _read_zero12(tag_dir, mp, dp, prefixes, want)
             else:
-                opt_sd = _load_ds(_model_states_path(tag_dir, mp)).get("optimizer")
-                got = _read_torch_optimizer(opt_sd, cfg, pp, stage, want) if isinstance(opt_sd, dict) else None
+                states = _load_ds(_model_states_path(tag_dir, mp))
+                opt_sd = states.get("optimizer")
+                got = _read_torch_optimizer(opt_sd, cfg, pp, stage, want, states.get(OPTIMIZER_NAMES_KEY)) \
+                    if isinstance(opt_sd, dict) else None
             if got is None:
                 moments = False
                 continue

@@ -29,3 +29,18 @@ def test_a_run_saved_with_the_removed_keys_still_loads(tmp_path):
     cfg = load_config(str(tmp_path / "config.yaml"))
     assert cfg == load_config("configs/tiny.yaml", BASE)
     assert isinstance(cfg.data, DataConfig)   # the data section is data_prep's schema itself
+
+
+def test_saved_optimizer_names_win_over_the_rebuilt_order():
+    """Tags save the optimizer's parameter names (pretrain.checkpoint.save); the rebuilt order is only for tags
+    written before that."""
+    from model import ModelConfig
+    from parallel.reshard import _torch_optimizer_names
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      ffn_hidden_size=32, max_seq_len=16, recycle_layers=1)
+    rebuilt = _torch_optimizer_names(cfg, 1, 0, [11, 8])            # an old tag: matrices, then vectors
+    assert rebuilt is not None and len(rebuilt) == 19
+    saved = [list(reversed(rebuilt[:11])), list(reversed(rebuilt[11:]))]
+    assert _torch_optimizer_names(cfg, 1, 0, [11, 8], saved) == saved[0] + saved[1]
+    assert _torch_optimizer_names(cfg, 1, 0, [11, 8], [saved[0], saved[1][:-1]]) == rebuilt   # sizes disagree
