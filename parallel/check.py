@@ -164,7 +164,7 @@ def run_layout(tp: int, pp: int, zero: int, steps: int, global_batch: int, micro
     if save_dir is not None:
         engine.save_checkpoint(str(save_dir), tag="final")
         if zero != 3:                          # ZeRO-3 parameters are partitioned flat; no per-name shards
-            from parallel.reshard import local_state
+            from parallel.weights import local_state
             record["state"] = local_state(module)
     del engine
     assert ps.model_parallel_is_initialized()
@@ -191,7 +191,7 @@ def rel_diff(a, b) -> float:
 
 def compare(records: list[dict], ref: dict, cfg: ModelConfig = CFG) -> dict:
     """Max relative differences of every rank's losses, and of the gathered embedding gradient."""
-    from parallel.tensor_parallel import unshard_tensor
+    from parallel.layout import unshard_tensor
     out = {}
     width = len(ref["losses"][0])
     if any(len(s) != width for r in records for s in r["losses"]):

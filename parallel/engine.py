@@ -40,7 +40,7 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
     import deepspeed
 
     from parallel.pipeline import RecyclePipe
-    from parallel.reshard import load_full_state
+    from parallel.weights import load_full_state
     from parallel.tensor_parallel import TensorParallelSpec, build_tp_model
 
     dims.validate_model(model_cfg)

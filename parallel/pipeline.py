@@ -31,7 +31,9 @@ from model.objective import LossOutput, RecycleObjective
 from model.layers import DecoderLayer, RMSNorm, Rotary
 from model.recycle import RecyclableModule
 from parallel.dims import check_detach_base
-from parallel.tensor_parallel import load_init, mark_replicated
+from parallel.layout import full_name, layer_prefixes, stage_layer_counts, stage_parts  # noqa: F401  (re-exported)
+from parallel.tensor_parallel import mark_replicated
+from parallel.weights import load_init
 
 
 @functools.cache
@@ -104,39 +106,6 @@ class HeadPipe(nn.Module):
         return (self.lm_head(h), *(self.lm_head(g) for g in states))
 
 
-def layer_prefixes(cfg: ModelConfig) -> list[str | None]:
-    """Per pipeline layer index, the prefix that turns its local parameter names into the one-device
-    model's names (None: a tied use whose weights belong to layer 0). Also the checkpoint layer files."""
-    prefixes = [""] + [f"layers.{i}." for i in range(cfg.num_layers)] + ["final_norm."]
-    if cfg.recycle_layers:
-        prefixes.append(None)
-    return prefixes + [""]
-
-
-def stage_layer_counts(cfg: ModelConfig, pp: int) -> list[int]:
-    """Decoder layers per stage, minimising the busiest stage. A decoder layer costs 1; the last stage also
-    carries the module's layers and two LM-head products (next token and token after next)."""
-    L = cfg.num_layers
-    if not 1 <= pp <= L:
-        raise ValueError(f"parallel.pp={pp} must be between 1 and model.num_layers={L}")
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    layer_params = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
-        + 3 * d * f
-    head = cfg.recycle_layers + (2 if cfg.recycle_layers else 1) * cfg.vocab_size * d / layer_params
-    # best[s][n]: (max load, counts) for the first n layers on s stages; the last stage adds `head`.
-    best = {(0, 0): (0.0, [])}
-    for s in range(1, pp + 1):
-        for n in range(s, L - (pp - s) + 1):
-            candidates = []
-            for k in range(s - 1, n):
-                if (s - 1, k) in best:
-                    load = (n - k) + (head if s == pp else 0.0)
-                    prev, counts = best[(s - 1, k)]
-                    candidates.append((max(prev, load), counts + [n - k]))
-            best[(s, n)] = min(candidates, key=lambda c: (c[0], [-x for x in c[1]]))
-    return best[(pp, L)][1]
-
-
 def layer_specs(cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False,
                 depth: int = 1):
     specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, tied_weight_attr=["embedding.weight"])]
@@ -157,11 +126,7 @@ class RecyclePipe(PipelineModule):
                  activation_checkpointing: bool = False):
         check_detach_base(detach_base, topology.get_dim("pipe"))
         self.cfg, self.spec, self.objective = cfg, spec, objective
-        counts = stage_layer_counts(cfg, topology.get_dim("pipe"))
-        bounds = [0]
-        for c in counts:
-            bounds.append(bounds[-1] + c)
-        self._parts = [0] + [1 + b for b in bounds[1:-1]] + [len(layer_prefixes(cfg))]
+        self._parts = stage_parts(cfg, topology.get_dim("pipe"))
         self._losses = None
         self.loss_sums, self.loss_count = None, 0
         super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing, objective.depth),
@@ -192,14 +157,9 @@ class RecyclePipe(PipelineModule):
         prefixes = layer_prefixes(self.cfg)
         seen = set()
         for name, p in self.named_parameters():
-            head, _, rest = name.partition(".")
-            if head == "tied_modules":
-                full = rest.partition(".")[2]            # tied_modules.embed.embedding.weight
-            else:
-                full = prefixes[int(head)] + rest
             if id(p) not in seen:
                 seen.add(id(p))
-                yield full, p
+                yield full_name(name, prefixes), p
 
     def _loss(self, outputs, targets):
         labels, loss_mask = targets

@@ -17,124 +17,16 @@ The same functions reshard checkpoints (TP=2 -> TP=1 and back).
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
-from model.gpt import RecycleGPT, init_parameter
-
-# ------------------------------------------------------------------------------------- the layout
-
-
-def tp_layout(cfg: ModelConfig) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """{parameter name: (split dim, fused block sizes or None)} for every TP-split parameter of the full
-    model (our key names). Every other parameter (norms, recycle.linear_in) is replicated across TP ranks."""
-    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_hidden_size
-    layout = {"embedding.weight": (0, None), "lm_head.weight": (0, None)}
-    stacks = [f"layers.{i}." for i in range(cfg.num_layers)]
-    stacks += [f"recycle.layers.{j}." for j in range(cfg.recycle_layers)]
-    for prefix in stacks:
-        layout[prefix + "self_attention.linear_qkv.weight"] = (0, (q, kv, kv))
-        layout[prefix + "self_attention.linear_proj.weight"] = (1, None)
-        layout[prefix + "mlp.linear_fc1.weight"] = (0, (f, f))
-        layout[prefix + "mlp.linear_fc2.weight"] = (1, None)
-    return layout
-
-
-def shard_tensor(full: torch.Tensor, dim: int, fused, tp_rank: int, tp_size: int) -> torch.Tensor:
-    blocks = full.split(list(fused), dim) if fused else [full]
-    for b in blocks:
-        if b.shape[dim] % tp_size:
-            raise ValueError(f"cannot split a block of {b.shape[dim]} along dim {dim} into {tp_size} TP shards")
-    return torch.cat([b.chunk(tp_size, dim)[tp_rank] for b in blocks], dim).clone()
-
-
-def unshard_tensor(shards: list[torch.Tensor], dim: int, fused) -> torch.Tensor:
-    if not fused:
-        return torch.cat(shards, dim)
-    n = len(shards)
-    per_rank = [s // n for s in fused]
-    pieces = [s.split(per_rank, dim) for s in shards]          # pieces[rank][block]
-    return torch.cat([torch.cat([p[b] for p in pieces], dim) for b in range(len(fused))], dim)
-
-
-def shard_state_dict(full_sd: dict, cfg: ModelConfig, tp_rank: int, tp_size: int) -> dict:
-    """The state dict of TP rank `tp_rank` of `tp_size`, from a full (one-device) state dict."""
-    if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank={tp_rank} is outside tp_size={tp_size}")
-    layout = tp_layout(cfg)
-    out = {}
-    for name, value in full_sd.items():
-        split = layout.get(name)
-        out[name] = value if split is None or tp_size == 1 else shard_tensor(value, *split, tp_rank, tp_size)
-    return out
-
-
-def unshard_state_dicts(sds: list[dict], cfg: ModelConfig) -> dict:
-    """The full state dict from the state dicts of TP ranks 0..n-1 (replicated tensors taken from rank 0)."""
-    if not sds:
-        raise ValueError("unshard_state_dicts needs the state dicts of all TP ranks, got none")
-    keys = sds[0].keys()
-    for r, sd in enumerate(sds[1:], 1):
-        if sd.keys() != keys:
-            diff = sorted(set(sd) ^ set(keys))[:3]
-            raise ValueError(f"TP rank {r}'s state dict has different keys than rank 0's (e.g. {diff})")
-    layout = tp_layout(cfg)
-    out = {}
-    for name in keys:
-        split = layout.get(name)
-        out[name] = sds[0][name] if split is None or len(sds) == 1 else unshard_tensor([sd[name] for sd in sds], *split)
-    return out
-
-
-# ------------------------------------------------------------------------------ initialisation
-
-
-def init_state_dict(cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1,
-                    keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, this TP rank's shard) of the weights `torch.manual_seed(seed); RecycleGPT(cfg)` gets.
-
-    Exactly those: it replays the random draws of the model's construction (each torch layer's own
-    reset_parameters, module by module) and then `init_parameter` in parameter order, on CPU, one full
-    tensor at a time, from a private generator (the global RNG is not touched). `keep(name)` skips
-    yielding (not drawing) the others, e.g. the parameters of other pipeline stages.
-    """
-    with torch.device("meta"):
-        meta = RecycleGPT(cfg)
-    layout = tp_layout(cfg)
-    g = torch.Generator().manual_seed(seed)       # the same stream as the global RNG after manual_seed(seed)
-    for module in meta.modules():                 # construction order: each torch layer's default init
-        if isinstance(module, nn.Linear):         # nn.Linear.reset_parameters (no bias in this model)
-            nn.init.kaiming_uniform_(torch.empty(module.weight.shape), a=math.sqrt(5), generator=g)
-        elif isinstance(module, nn.Embedding):    # nn.Embedding.reset_parameters
-            nn.init.normal_(torch.empty(module.weight.shape), generator=g)
-    for name, p in meta.named_parameters():
-        full = torch.empty(p.shape, dtype=p.dtype)
-        init_parameter(cfg, name, full, generator=g)
-        if keep is not None and not keep(name):
-            continue
-        split = layout.get(name)
-        yield name, full if split is None or tp_size == 1 else shard_tensor(full, *split, tp_rank, tp_size)
-
-
-@torch.no_grad()
-def load_init(params: dict[str, torch.Tensor], cfg: ModelConfig, seed: int, tp_rank: int = 0, tp_size: int = 1):
-    """Copy the seeded reference weights into `params` ({full-model name: parameter}) in place."""
-    missing = set(params)
-    for name, value in init_state_dict(cfg, seed, tp_rank, tp_size, keep=lambda n: n in params):
-        target = params[name]
-        if target.shape != value.shape:
-            raise ValueError(f"{name}: this rank holds {tuple(target.shape)} but TP rank {tp_rank}/{tp_size} of the "
-                             f"reference is {tuple(value.shape)}")
-        target.copy_(value)
-        missing.discard(name)
-    if missing:
-        raise ValueError(f"parameters with no reference weight: {sorted(missing)[:5]}")
-
+from model.gpt import RecycleGPT
+# The shard maps and the seeded init live in parallel/layout.py and parallel/weights.py; re-exported for callers.
+from parallel.layout import shard_state_dict, shard_tensor, tp_layout, unshard_state_dicts, unshard_tensor  # noqa: F401
+from parallel.weights import init_state_dict, load_full_state, load_init  # noqa: F401
 
 # --------------------------------------------------------------------------- megatron-core layers
 
@@ -300,7 +192,6 @@ def build_tp_model(cfg: ModelConfig, seed: int, spec=None, state: dict | None = 
     spec = spec or LocalSpec()
     model = RecycleGPT(cfg, spec)
     if state is not None:
-        from parallel.reshard import load_full_state
         load_full_state(model, state, cfg, spec.tp_rank, spec.tp_size)
     else:
         load_init(dict(model.named_parameters()), cfg, seed, spec.tp_rank, spec.tp_size)

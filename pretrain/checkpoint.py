@@ -57,7 +57,8 @@ def _is_rank0() -> bool:
 def save(engine, run_dir: Path, step: int, consumed_samples: int, meta: dict, keep_last: int):
     ckpt_dir = checkpoint_dir(run_dir)
     tag = f"step_{step}"
-    from parallel.reshard import OPTIMIZER_NAMES_KEY, optimizer_param_names
+    from parallel.ds_checkpoint import OPTIMIZER_NAMES_KEY
+    from parallel.engine_state import optimizer_param_names
     client = {"step": step, "consumed_samples": consumed_samples, "rng": rng_state(),
               OPTIMIZER_NAMES_KEY: optimizer_param_names(engine)}   # so a reshard never guesses the order
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)

@@ -1,7 +1,7 @@
 """One full, unsharded state dict (our key names, fp32) from a DeepSpeed checkpoint tag, on one process.
 
 Any layout training writes (plain, ZeRO 1/2/3, TP, PP and their combinations) is read by
-parallel.reshard.training_state, which prefers the optimizer's fp32 master weights over a bf16 module copy.
+parallel.ds_checkpoint.training_state, which prefers the optimizer's fp32 master weights over a bf16 module copy.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from model.config import ModelConfig
 
 
 def consolidated_state_dict(tag_dir: Path, cfg: ModelConfig) -> dict:
-    from parallel.reshard import training_state
+    from parallel.ds_checkpoint import training_state
 
     tag_dir = Path(tag_dir)
     if not any(tag_dir.glob("*model_states.pt")):

@@ -6,9 +6,9 @@ otherwise (ZeRO 1/2/3 partitions are per dp rank, TP and pipeline files per mode
 it was recorded, DeepSpeed's own fields in the model-states files) with the running one, and on a change:
 
 1. every rank reads, from the files of every rank that wrote the tag, the fp32 weights and Adam moments of
-   the parameters *it* holds now, as one device would hold them (`parallel.reshard.training_state`);
+   the parameters *it* holds now, as one device would hold them (`parallel.ds_checkpoint.training_state`);
 2. it cuts its TP shard out of them and puts weights, fp32 master copies and moments into the freshly
-   built engine (`parallel.reshard.load_training_state`: ZeRO-3 parameters through GatheredParameters,
+   built engine (`parallel.engine_state.load_training_state`: ZeRO-3 parameters through GatheredParameters,
    ZeRO 1/2 partitions through DeepSpeed's fragment mappings);
 3. the LR scheduler, DeepSpeed's step/sample counters, our client state (step, consumed samples) and the RNG
    come from the tag as `load_checkpoint` would restore them, so the data stream and the schedule continue.
@@ -60,7 +60,7 @@ def saved_layout(tag_dir: Path) -> Layout:
     recorded = _meta(tag_dir).get("layout")
     if recorded:
         return Layout(**{k: int(recorded[k]) for k in ("tp", "pp", "dp", "zero_stage")})
-    from parallel.reshard import checkpoint_layout
+    from parallel.ds_checkpoint import checkpoint_layout
     return Layout(**checkpoint_layout(tag_dir))
 
 
@@ -84,8 +84,9 @@ def _model_config(engine, tag_dir: Path):
 def load_resharded(engine, tag_dir: Path, saved: Layout, now: Layout) -> dict:
     """Load tag `tag_dir` (written under `saved`) into `engine` (built under `now`) on every rank; returns the
     client state (step, consumed_samples, rng) as `engine.load_checkpoint` would."""
-    from parallel.reshard import _load_ds, _model_states_path, full_named_parameters, load_training_state, \
-        training_state
+    from parallel.ds_checkpoint import _load_ds, _model_states_path, training_state
+    from parallel.engine_state import load_training_state
+    from parallel.weights import full_named_parameters
     from parallel.setup import current
 
     tag_dir = Path(tag_dir)

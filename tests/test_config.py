@@ -35,7 +35,7 @@ def test_saved_optimizer_names_win_over_the_rebuilt_order():
     """Tags save the optimizer's parameter names (pretrain.checkpoint.save); the rebuilt order is only for tags
     written before that."""
     from model import ModelConfig
-    from parallel.reshard import _torch_optimizer_names
+    from parallel.ds_checkpoint import _torch_optimizer_names
 
     cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                       ffn_hidden_size=32, max_seq_len=16, recycle_layers=1)

@@ -9,7 +9,7 @@ import torch
 from model import ModelConfig, RecycleGPT
 from parallel.deepspeed_config import deepspeed_config
 from parallel.dims import ParallelDims
-from parallel.pipeline import layer_prefixes, stage_layer_counts
+from parallel.layout import layer_prefixes, stage_layer_counts
 from parallel.setup import _first_host, launcher_env
 from parallel.tensor_parallel import (init_state_dict, shard_state_dict, shard_tensor, tp_layout, unshard_state_dicts,
                                       unshard_tensor)
