@@ -211,7 +211,7 @@ def run_dir_tensors(path: Path, cfg: ModelConfig, tp_rank: int, tp_size: int):
             return _safetensors_slices(path / "init", ["model.safetensors"], {}, cfg, tp_rank, tp_size)
         raise ModelLoadError(f"{path} has no checkpoint (checkpoints/latest); train first with python -m "
                              f"pretrain.train ... run.dir={path}")
-    from parallel.reshard import training_state
+    from parallel.ds_checkpoint import training_state
     try:
         state = training_state(checkpoint_dir(path) / tag, cfg, None, tp_rank, tp_size)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:

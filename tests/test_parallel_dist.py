@@ -134,7 +134,7 @@ def test_tp2(tmp_path, ref):
 
 
 def test_pp2(tmp_path, ref):
-    from parallel.reshard import pipeline_state_dict
+    from parallel.ds_checkpoint import pipeline_state_dict
     out = tmp_path / "pp2"
     launch(2, ["--pp", "2", "--save"], out)
     recs = records(out, 0, 2)
@@ -146,7 +146,7 @@ def test_pp2(tmp_path, ref):
 def test_tp2_pp2(tmp_path, ref):
     """4 processes; recomputes activations (checkpointing in the decoder layers and the module), and resumes
     from a DeepSpeed checkpoint after 3 steps in a fresh engine built with another seed."""
-    from parallel.reshard import pipeline_state_dict
+    from parallel.ds_checkpoint import pipeline_state_dict
     out = tmp_path / "tp2pp2"
     launch(4, ["--tp", "2", "--pp", "2", "--save", "--activation-checkpointing", "--resume-at", "3"], out)
     recs = records(out, 0, 4)
