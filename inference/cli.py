@@ -42,6 +42,8 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init weights, prompts and sampling")
     parser.add_argument("--tp", type=int, help="tensor-parallel ranks, one per process (default: the launcher's "
                         "world size; run under torchrun / deepspeed / srun for --tp > 1)")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
                         help="torch.compile the decode steps; reduce-overhead = CUDA graphs on a GPU (off: eager; "
                         "on a CPU compiling was measured slower, docs/inference.md)")
