@@ -141,3 +141,21 @@ print("updated" if moved else "not updated", rt.engine.optimizer.skipped_steps)
 def test_non_finite_check_reuses_the_clipping_norm(tmp_path):
     proc = cli("-c", CLIP_NORM_REUSE, *SMALL, "data.prefixes=[unused]", f"run.dir={tmp_path}")
     assert proc.stdout.strip().splitlines()[-1] == "updated 0"
+
+
+@pytest.mark.slow
+def test_draft_depth_run_logs_every_depth_and_resumes_to_identical_metrics(tmp_path, sotu_prefix):
+    """recycle.train_depth=2 with target=mix through the CLI: recycle_loss_d2 in train and valid rows, and a
+    run stopped at step 2 and resumed to 4 logs what a straight run to 4 logs (constant LR after warmup, so
+    the schedule does not depend on train.steps)."""
+    extra = ["recycle.train_depth=2", "recycle.target=mix", "recycle.depth_weights=[1.0, 0.5]",
+             "train.eval_interval=2", "checkpoint.interval=2", "train.min_lr=0.0003", "train.lr=0.0003"]
+    train(tmp_path / "full", sotu_prefix, "train.steps=4", *extra)
+    train(tmp_path / "split", sotu_prefix, "train.steps=2", *extra)
+    train(tmp_path / "split", sotu_prefix, "train.steps=4", *extra)
+    keys = ("step", "split", "loss", "lm_loss", "recycle_loss", "recycle_loss_d2", "grad_norm")
+    strip = lambda run: [{k: r.get(k) for k in keys} for r in map(json.loads, (run / "metrics.jsonl").read_text()
+                                                                      .splitlines())]
+    full = strip(tmp_path / "full")
+    assert all(isinstance(r["recycle_loss_d2"], float) for r in full) and any(r["split"] == "valid" for r in full)
+    assert strip(tmp_path / "split") == full
