@@ -78,12 +78,12 @@ def _main(argv, text_out) -> int:
 
     model, tokenizer, _, _, _ = model_from_args(args, cache_len=args.max_new_tokens + 2)
     try:
-        return generate(args, model, tokenizer, texts, draft_len, sampling)
+        return generate(args, model, tokenizer, texts, draft_len, sampling, text_out)
     finally:
         tp_loading.finish()
 
 
-def generate(args, model, tokenizer, texts, draft_len, sampling) -> int:
+def generate(args, model, tokenizer, texts, draft_len, sampling, text_out) -> int:
     """Every rank runs this (same prompts, same decode loop and seeded sampling on its shard); rank 0 prints."""
     from inference import tp_loading
     from inference.decoding import generate_batch
