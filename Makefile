@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m pretrain.demo
+	PYTHONPATH=$(CURDIR) $(PY) scripts/demo.py
 
 real-model: setup
 	PYTHONPATH=$(CURDIR) $(PY) scripts/real_model.py

@@ -10,7 +10,8 @@ Teacher-forced, over --tokens tokens in windows of --window:
     base_ppl            the full model's perplexity on the text
     acceptance_rate     the module's top-1 at position i equals the full model's own argmax at i+1 (exactly
                         what `verify` accepts), overall and per position bucket (`accuracy_by_position`)
-    tau_predicted       1 + acceptance_rate: verify's tokens per full forward if acceptances were independent
+    tau_predicted       verify's tokens per full forward if every draft were accepted independently with that
+                        rate a: (1 - a^(k+1)) / (1 - a) for --draft-len k (1 + a for k = 1)
 Decoded, on --prompts prompts of --prompt-len tokens drawn from the text, --new-tokens greedy tokens each:
     tau_measured        verify's new tokens / full forwards (prefill included), over all prompts
     recycle_nll_gap     the full model's mean NLL of `recycle` continuations minus that of `standard` ones
@@ -41,12 +42,13 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt and mode (default 64)")
     p.add_argument("--tokens", type=int, default=16384, help="teacher-forced tokens scored (default 16384)")
     p.add_argument("--window", type=int, default=256, help="teacher-forced window length (default 256)")
+    p.add_argument("--draft-len", type=int, default=1, help="tokens the module drafts per verify cycle (default 1)")
     return p
 
 
 def check_args(args):
     check_model_args(args)
-    for name in ("prompts", "prompt_len", "new_tokens", "tokens", "window"):
+    for name in ("prompts", "prompt_len", "new_tokens", "tokens", "window", "draft_len"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.window < 3:
@@ -178,7 +180,12 @@ def continuation_nll(model, prompt: list[int], continuation: list[int], device) 
 
 
 # ----------------------------------------------------------------------------------------- decoding
-def decoded(model, prompts: list[list[int]], new_tokens: int, device) -> dict:
+def predicted_tau(acceptance: float, draft_len: int) -> float:
+    """Expected tokens per verify cycle: accepted drafts (a run of successes, at most k) + the full model's own."""
+    return sum(acceptance ** j for j in range(draft_len + 1))
+
+
+def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len: int = 1) -> dict:
     """Every prompt in standard, recycle and verify (mode order rotated per prompt, EOS ignored)."""
     from inference.decoding import MODES, greedy_generate
 
@@ -187,7 +194,7 @@ def decoded(model, prompts: list[list[int]], new_tokens: int, device) -> dict:
     greedy_generate(model, prompts[0], "standard", 4)         # warm-up: first-call costs out of the figures
     for n, prompt in enumerate(prompts):
         for m in modes[n % len(modes):] + modes[:n % len(modes)]:
-            runs[m].append(greedy_generate(model, prompt, m, new_tokens))
+            runs[m].append(greedy_generate(model, prompt, m, new_tokens, draft_len=draft_len if m == "verify" else 1))
     out = {"tokens_per_s": {m: sum(g.stats.new_tokens for g in gens) / sum(g.stats.seconds for g in gens)
                             for m, gens in runs.items()}}
     if model.recycle is None:
@@ -238,8 +245,9 @@ def plot(result: dict, path: Path):
 
 
 def evaluate(args) -> dict:
-    model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + 2)
-    limit = args.prompt_len + args.new_tokens + 1
+    model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + 1
+                                                                  + args.draft_len)
+    limit = args.prompt_len + args.new_tokens + args.draft_len
     if limit > model.cfg.max_seq_len:
         raise UsageError(f"--prompt-len + --new-tokens ({limit - 1}) exceeds the model's context "
                          f"({model.cfg.max_seq_len}); lower them")
@@ -248,14 +256,16 @@ def evaluate(args) -> dict:
     print(f"scoring {sum(map(len, pieces))} tokens in {len(pieces)} windows", file=sys.stderr, flush=True)
     result = {"model": description, "inputs": args.input, "dtype": str(dtype).removeprefix("torch."),
               **teacher_forced(model, pieces, device)}
-    result["tau_predicted"] = 1 + result["acceptance_rate"] if result["acceptance_rate"] is not None else None
+    acceptance = result["acceptance_rate"]
+    result["tau_predicted"] = predicted_tau(acceptance, args.draft_len) if acceptance is not None else None
     prompts = prompts_from(docs, args.prompts, args.prompt_len)
     print(f"decoding {len(prompts)} prompts x {args.new_tokens} tokens per mode", file=sys.stderr, flush=True)
-    dec = decoded(model, prompts, args.new_tokens, device)
+    dec = decoded(model, prompts, args.new_tokens, device, args.draft_len)
     runs = dec.pop("_runs", None)
     result.update({"tau_measured": None, "recycle_nll_gap": None, "recycle_agreement": None})
     result.update(dec)
-    result.update(prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    result.update(prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  draft_len=args.draft_len)
     if runs:
         result["samples"] = samples(tokenizer, prompts[0], runs)
     return result

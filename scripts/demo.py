@@ -1,6 +1,6 @@
 """`make demo`: tokenize the bundled corpus, train the tiny preset, generate in both modes, summarise.
 
-    python -m pretrain.demo [--config configs/tiny.yaml] [section.key=value ...]
+    PYTHONPATH=. python scripts/demo.py [--config configs/tiny.yaml] [section.key=value ...]
 
 Each stage is the user-facing command run as a subprocess, so the demo shows exactly what a user runs.
 """
@@ -58,7 +58,7 @@ def generate_both_modes(run_dir: Path) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pretrain.demo")
+    parser = argparse.ArgumentParser(prog="scripts/demo.py")
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

