@@ -39,7 +39,7 @@ class RecycleGPTLM(TemplateLM):
             raise ValueError(f"mode={mode} needs a recyclable module, but {pretrained} has none; use mode=standard")
         self.mode, self.draft_len = mode, int(draft_len)
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
-        self.device = torch.device(device)
+        self._device = torch.device(device)
 
     # ------------------------------------------------------------------------------------- tokens
     @property
@@ -63,9 +63,9 @@ class RecycleGPTLM(TemplateLM):
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """log p(continuation | context) under the full model, and whether it is the greedy continuation."""
         ids = (context + continuation)[-(self.max_length + 1):]
-        inputs = torch.tensor([ids[:-1]], dtype=torch.long, device=self.device)
+        inputs = torch.tensor([ids[:-1]], dtype=torch.long, device=self._device)
         logits = self.model.logits(self.model.hidden(inputs)[0]).float()[-len(continuation):]
-        target = torch.tensor(continuation, dtype=torch.long, device=self.device)
+        target = torch.tensor(continuation, dtype=torch.long, device=self._device)
         logprobs = F.log_softmax(logits, dim=-1)
         total = logprobs.gather(1, target[:, None]).sum().item()
         return total, bool((logits.argmax(-1) == target).all())

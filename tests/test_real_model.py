@@ -117,6 +117,7 @@ def trained(smollm2_dir, tmp_path_factory):
     run = base / "run"
     settings = ["train.steps=2", "train.micro_batch_size=1", "train.global_batch_size=1", "train.seq_length=32",
                 "train.eval_interval=100", "train.warmup_steps=1", "checkpoint.interval=2", "log.plot=false",
+                "data.split=80,20,0",
                 f"data.prefixes=[{base / 'sotu'}]", f"run.dir={run}"]
     cli("-m", "pretrain.import_hf", "--hf", str(smollm2_dir), "--output", str(run), "--config",
         "configs/smollm2-recycle.yaml", *settings)
@@ -215,7 +216,8 @@ def lm_eval_results(model, model_args, task, include):
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(include)), batch_size=1)
+                                  task_manager=TaskManager(include_path=str(include)), batch_size=1,
+                                  device="cpu")
     return out["results"][task], out["samples"][task]
 
 
@@ -240,7 +242,7 @@ def test_recyclegpt_in_lm_eval_cli(trained, tasks, tmp_path):
     run, exported = trained
     proc = cli("-m", "inference.lm_eval", "--model", "recyclegpt", "--model_args", f"pretrained={run},mode=verify",
                "--tasks", "tiny_gen", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"),
-               "--log_samples")
+               "--log_samples", "--device", "cpu")
     assert "tiny_gen" in proc.stdout
     [verify_file] = list((tmp_path / "out").rglob("samples_tiny_gen_*.jsonl"))
     verify = [json.loads(line)["filtered_resps"] for line in verify_file.read_text().splitlines()]
