@@ -6,9 +6,9 @@ bug in model/kv_cache.py shows up as a token or count mismatch.
 """
 import pytest
 import torch
-from test_inference_decoding import PROMPTS, mirror_module, perfect_module, random_model, reference_standard
 
 from inference.decoding import DecodingError, generate, generate_batch, greedy_generate
+from tests.test_inference_decoding import PROMPTS, mirror_module, perfect_module, random_model, reference_standard
 from inference.draft_vocab import DraftVocab
 
 MODULES = {"random": lambda m: m, "mirror": mirror_module, "perfect": perfect_module}

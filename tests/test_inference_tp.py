@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_hf import small_prefix  # noqa: E402,F401  (fixture)
-from test_pretrain import SMALL, cli  # noqa: E402
-
-from model import ModelConfig, RecycleGPT  # noqa: E402
-from parallel.setup import free_port  # noqa: E402
-from parallel.tensor_parallel import shard_state_dict  # noqa: E402
+from model import ModelConfig, RecycleGPT
+from parallel.setup import free_port
+from parallel.tensor_parallel import shard_state_dict
+from tests.helpers import ROOT, SMALL, cli   # the corpus fixture sotu_paragraphs_prefix: tests/conftest.py
 
 # 4 query and 4 KV heads, FFN 128, vocabulary 8192: TP 1, 2 and 4 all divide the model.
 TP4 = [*SMALL, "model.num_heads=4", "model.num_kv_heads=4", "log.plot=false", "log.tensorboard=false"]
@@ -79,14 +75,14 @@ def tokens(report: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_prefix):  # noqa: F811
+def trained(tmp_path_factory, sotu_paragraphs_prefix):
     """A trained RUN_DIR (one process), its HF export, and the one-process benchmark on it (the reference)."""
     from inference import benchmark
     from pretrain.export_hf import main as export_main
 
     base = tmp_path_factory.mktemp("tp")
     run = base / "run"
-    cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *TP4, f"data.prefixes=[{small_prefix}]",
+    cli("-m", "pretrain.train", "--config", "configs/tiny.yaml", *TP4, f"data.prefixes=[{sotu_paragraphs_prefix}]",
         f"run.dir={run}", "train.steps=4", env={"OMP_NUM_THREADS": "1"}, timeout=1200)
     assert export_main(["--checkpoint", str(run), "--output", str(base / "hf")]) == 0
     threads = torch.get_num_threads()
@@ -218,11 +214,11 @@ def test_tp4_equals_one_process(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_from_a_checkpoint_trained_at_tp2_pp2(small_prefix, tmp_path):  # noqa: F811
+def test_tp2_from_a_checkpoint_trained_at_tp2_pp2(sotu_paragraphs_prefix, tmp_path):
     from inference import benchmark
 
     run = tmp_path / "run"
-    launch(4, ["pretrain.train", "--config", "configs/tiny.yaml", *TP4, f"data.prefixes=[{small_prefix}]",
+    launch(4, ["pretrain.train", "--config", "configs/tiny.yaml", *TP4, f"data.prefixes=[{sotu_paragraphs_prefix}]",
                f"run.dir={run}", "train.steps=2", "parallel.tp=2", "parallel.pp=2"], launcher="torchrun")
     threads = torch.get_num_threads()
     try:

@@ -5,15 +5,12 @@ skip, unless RECYCLEGPT_REQUIRE_VLLM=1 makes a missing environment a failure (fo
 """
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from test_pretrain import cli  # noqa: E402
+from tests.helpers import ROOT, cli
 
 VLLM_PYTHON = Path(os.environ.get("RECYCLEGPT_VLLM_PYTHON", ROOT / ".venv-vllm/bin/python"))
 
