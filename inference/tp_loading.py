@@ -8,8 +8,8 @@ or HF config.json + safetensors key names) -> the TP divisibility check -> proce
 of this rank's shapes (built on the meta device, then allocated in the target dtype) -> its weights, one
 parameter at a time:
 - `--random-init`: the seeded one-device initialisation, replayed one full tensor at a time
-  (`parallel.tensor_parallel.init_state_dict`) and cut into this rank's slice;
-- RUN_DIR: the resharding reader of any training layout (`parallel.reshard.training_state` with this
+  (`parallel.weights.init_state_dict`) and cut into this rank's slice;
+- RUN_DIR: the resharding reader of any training layout (`parallel.ds_checkpoint.training_state` with this
   rank's tp_rank/tp_size), or the safetensors slices of an imported run's init/model.safetensors;
 - HF folder: safetensors `safe_open(...).get_slice` of exactly this rank's rows/columns of each HF tensor
   (`pretrain.hf_convert.hf_sources` says which HF keys make each of our parameters).
@@ -164,7 +164,7 @@ def _slice_bounds(size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
 def fill(model, tensors, cfg: ModelConfig, tp_rank: int, tp_size: int, full: bool):
     """Copy (name, tensor) pairs into the model's parameters; `full`: tensors are one-device tensors and only
     this rank's slice is copied (block by block for fused weights), else they are this rank's shard already."""
-    from parallel.tensor_parallel import tp_layout
+    from parallel.layout import tp_layout
 
     params = dict(model.named_parameters())
     layout = tp_layout(cfg) if full and tp_size > 1 else {}
@@ -196,7 +196,7 @@ def fill(model, tensors, cfg: ModelConfig, tp_rank: int, tp_size: int, full: boo
 # ------------------------------------------------------------------------------------------ weight sources
 def random_tensors(cfg: ModelConfig, seed: int):
     """The seeded one-device weights, one full tensor at a time (`fill(..., full=True)` cuts the slice)."""
-    from parallel.tensor_parallel import init_state_dict
+    from parallel.weights import init_state_dict
     return init_state_dict(cfg, seed)
 
 
@@ -241,7 +241,7 @@ def _safetensors_slices(folder: Path, files: list[str], sources: dict, cfg: Mode
     from safetensors import safe_open
 
     from model.gpt import RecycleGPT
-    from parallel.tensor_parallel import tp_layout
+    from parallel.layout import tp_layout
 
     handles = [safe_open(str(folder / f), "pt") for f in files]
     where = {k: (h, k) for h in handles for k in h.keys()}

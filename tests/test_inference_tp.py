@@ -4,7 +4,6 @@ from its HF export, from a checkpoint trained at TP=2 x PP=2, and at TP=4. Real 
 ways users start them (torchrun; RANK/WORLD_SIZE as the deepspeed launcher sets them; SLURM_* as srun does).
 """
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,23 +13,14 @@ import pytest
 import torch
 
 from model import ModelConfig, RecycleGPT
+from parallel.layout import shard_state_dict
 from parallel.setup import free_port
-from parallel.tensor_parallel import shard_state_dict
-from tests.helpers import ROOT, SMALL, cli   # the corpus fixture sotu_paragraphs_prefix: tests/conftest.py
+from tests.helpers import ROOT, SMALL, clean_env, cli   # the corpus fixture sotu_paragraphs_prefix: tests/conftest.py
 
 # 4 query and 4 KV heads, FFN 128, vocabulary 8192: TP 1, 2 and 4 all divide the model.
 TP4 = [*SMALL, "model.num_heads=4", "model.num_kv_heads=4", "log.plot=false", "log.tensorboard=false"]
 BENCH = ["--prompt", "The state of the union is", "--prompt-len", "12", "--new-tokens", "10", "--repeats", "1",
          "--cost-rounds", "2", "--draft-len", "1,2", "--threads", "1"]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "OMPI_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
-
-
 def launch(nproc: int, args: list[str], launcher: str = "env", timeout: int = 900) -> str:
     """`python -m ARGS` as nproc ranks: "torchrun" (the real one), "env" (RANK/WORLD_SIZE/... as torchrun and the
     deepspeed launcher set them), "srun" (SLURM_* only). Returns rank 0's stdout; fails with every rank's tail."""
@@ -265,7 +255,7 @@ def test_slurm_benchmark_job_checks_the_flags_for_its_world_size(tmp_path, capsy
 
 @pytest.mark.slow
 def test_slurm_benchmark_job_runs_two_tasks_on_the_cluster(tmp_path):
-    from test_slurm import TERMINAL, _cluster_state, job_info
+    from tests.test_slurm import TERMINAL, _cluster_state, job_info
 
     why = _cluster_state()
     if why:
