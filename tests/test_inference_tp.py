@@ -140,6 +140,7 @@ def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow   # the CLI in a subprocess
 @pytest.mark.parametrize("tp, env, expected", [
     (3, {"WORLD_SIZE": "3", "RANK": "0"}, "--tp 3 does not divide this model's num_heads=4, num_kv_heads=2, "
                                           "vocab_size=8192, ffn_hidden_size=704; valid --tp: 1, 2"),

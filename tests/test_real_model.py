@@ -77,6 +77,7 @@ def test_unknown_rope_type_and_unsupported_fields_are_one_error(tmp_path, capsys
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow   # the SmolLM2 folder is built from the GGUF first (~80 s once)
 def test_gqa_shape_tp_cannot_split_names_valid_sizes(smollm2_dir):
     from parallel.dims import ParallelDims
     from pretrain.hf_dir import model_config
