@@ -221,3 +221,14 @@ def test_draft_depths_and_base_target_tp2_pp2_and_zero_with_resume(tmp_path):
     launch(2, ["--zero", "1,3", "--resume-at", "2", *args], out)
     for zero in (1, 3):
         check(records(out, zero, 2), ref, depth_losses | {"grad_norm"})
+
+
+def test_check_exits_non_zero_on_a_mismatch(tmp_path):
+    """bf16 engines against the fp32 one-process run differ by more than the 1e-4 tolerance: parallel.check must
+    say MISMATCH and fail (a launcher or CI script sees the exit code, not the printed line)."""
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, "-m", "parallel.check", "--bf16", "--steps", "2", "--global-batch", "4",
+                           "--micro-batch", "2", "--seq", str(SEQ), "--out", str(out)], cwd=ROOT, env=_clean_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert "MISMATCH" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1
