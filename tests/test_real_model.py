@@ -243,7 +243,7 @@ def test_recyclegpt_in_lm_eval_cli(trained, tasks, tmp_path):
     run, exported = trained
     proc = cli("-m", "inference.lm_eval", "--model", "recyclegpt", "--model_args", f"pretrained={run},mode=verify",
                "--tasks", "tiny_gen", "--include_path", str(tasks), "--output_path", str(tmp_path / "out"),
-               "--log_samples", "--device", "cpu")
+               "--log_samples", "--device", "cpu", timeout=1800)
     assert "tiny_gen" in proc.stdout
     [verify_file] = list((tmp_path / "out").rglob("samples_tiny_gen_*.jsonl"))
     verify = [json.loads(line)["filtered_resps"] for line in verify_file.read_text().splitlines()]
