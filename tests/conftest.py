@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.helpers import GPT2, SOTU_BPE, SOTU_CORPUS, corpus_docs
 
@@ -29,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
 def _tokenize(argv):
     from data_prep import tokenize
     assert tokenize.main([str(a) for a in argv] + ["--log-interval", "1000"]) == 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models in one process: a second intra-op thread only contends on a shared 2-core CPU (measured
+    30 s vs 0.3 s per sampling case). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -58,12 +58,7 @@ def model_with_a_useful_module(seed=0):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("mode, draft_len", [("standard", 1), ("recycle", 1), ("verify", 1), ("verify", 3)])

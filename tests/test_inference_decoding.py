@@ -15,14 +15,7 @@ CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num
                   ffn_hidden_size=160, max_seq_len=96, recycle_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds contention on a shared, loaded CPU
-    # (measured 5 s vs 35 s for this file with other test runs going on).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [[5], [17, 3, 99, 42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], list(range(200, 230))]

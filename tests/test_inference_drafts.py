@@ -14,12 +14,7 @@ from inference.draft_vocab import DraftVocab
 MODULES = {"random": lambda m: m, "mirror": mirror_module, "perfect": perfect_module}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argmax(model, states, vocab=None):

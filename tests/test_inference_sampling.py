@@ -21,13 +21,7 @@ PROMPT = [1, 4, 2]
 N_TOKENS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second intra-op thread only contends on a shared CPU (measured 30 s vs 0.3 s per case).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
