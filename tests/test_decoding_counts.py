@@ -11,6 +11,7 @@ import inference.decoding
 from inference import benchmark
 from inference.decoding import generate_batch, greedy_generate
 from model import ModelConfig, RecycleGPT
+from tests.test_inference_decoding import mirror_module
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=160, max_seq_len=96, recycle_layers=2)
@@ -44,18 +45,11 @@ def model_with_a_useful_module(seed=0):
     that is always wrong or always right would leave one branch of the counting untested)."""
     torch.manual_seed(seed)
     model = RecycleGPT(CFG).eval()
-    d = CFG.hidden_size
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0.0, 0.15)
-        emb = model.embedding.weight
-        emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
-        model.recycle.linear_in.weight.copy_(torch.cat([torch.zeros(d, d), torch.eye(d)], dim=1))
-        for src, dst in zip(model.layers, model.recycle.layers, strict=True):
-            dst.load_state_dict(src.state_dict())
-        model.recycle.final_norm.load_state_dict(model.final_norm.state_dict())
-    return model
+    return mirror_module(model)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
