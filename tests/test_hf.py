@@ -87,8 +87,8 @@ def test_generate_cli_and_import_export_round_trip(exported, tmp_path):
     proc = cli("-m", "inference.generate", "--model", str(hf), "--prompt", "The Congress", "--mode", "verify",
                "--max-new-tokens", "5")
     assert proc.stdout.startswith("The Congress") and "[verify] 5 tokens" in proc.stderr
-    # a training run directory is read through DeepSpeed, whose logger prints its accelerator line on import:
-    # stdout must be the generated text alone, so that piped output is the same on every run
+    # stdout is the generated text alone (nothing a loader prints), so piped output is the same on every run. The
+    # path that imports DeepSpeed (--tp 2 under torchrun) is checked in test_inference_tp.py.
     from inference.decoding import greedy_generate
     model, tok = ours(run)
     prompt = tok.encode("The Congress")

@@ -189,6 +189,10 @@ def test_tp2_equals_one_process_from_run_dir_and_hf_export(trained, tmp_path):
 
 @pytest.mark.slow
 def test_generate_cli_under_torchrun_prints_the_one_process_text(trained):
+    """stdout is the generated text alone (issue 10, 5b): --tp 2 starts DeepSpeed and megatron-core, whose imports
+    print an accelerator warning with a timestamp and a topology line on each rank's stdout unless
+    inference.generate points stdout at stderr while it works (removing that fails here: two timestamped
+    `[WARNING] [real_accelerator.py...]` lines above the text). The one-process run no longer imports DeepSpeed."""
     run, _, _ = trained
     args = ["inference.generate", "--model", str(run), "--prompt", "The union", "--mode", "verify",
             "--max-new-tokens", "8", "--ignore-eos"]
