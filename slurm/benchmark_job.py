@@ -13,6 +13,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from slurm.script_parts import fill, sbatch_block, srun_options, task_environment
+
 TEMPLATE = Path(__file__).with_name("benchmark.sbatch.in")
 
 
@@ -41,25 +43,15 @@ def validate(args, tasks: int, world_size_env, check_path, error) -> dict:
 
 
 def render(plan: dict, args, tasks: int, command: str) -> str:
-    opts = [f"--job-name={plan['job_name']}", f"--nodes={args.nodes}", f"--ntasks-per-node={tasks}"]
-    if args.gpus_per_node:
-        opts.append(f"--gpus-per-node={args.gpus_per_node}")
-    if args.cpus_per_task:
-        opts.append(f"--cpus-per-task={args.cpus_per_task}")
-    opts += [f"--{k}={v}" for k, v in (("partition", args.partition), ("account", args.account), ("time", args.time))
-             if v]
-    opts += [f"--chdir={Path.cwd()}", f"--output={plan['output_dir']}/job_%j.out", *args.sbatch_option]
-    values = {
+    return fill(TEMPLATE, {
         "command": command,
-        "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts),
-        "tasks_per_node": str(tasks),
-        "env_exports": "\n".join(f"export {kv.split('=', 1)[0]}={shlex.quote(kv.split('=', 1)[1])}" for kv in args.env),
-        "srun_options": f" --cpus-per-task={args.cpus_per_task}" if args.cpus_per_task else "",
+        "sbatch_options": sbatch_block(
+            job_name=plan["job_name"], nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+            cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time_limit=args.time,
+            workdir=Path.cwd(), output=f"{plan['output_dir']}/job_%j.out", extra=args.sbatch_option),
+        "task_environment": task_environment(tasks, args.env),
+        "srun_options": srun_options(args.cpus_per_task),
         "python": shlex.quote(args.python),
         "benchmark_args": shlex.join(plan["benchmark_args"]),
         "output_dir": shlex.quote(str(plan["output_dir"])),
-    }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", value)
-    return text
+    })

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from slurm.script_parts import fill, sbatch_block, srun_options, task_environment
+
 TEMPLATE = Path(__file__).with_name("job.sbatch.in")
 STOP_LINE = "RECYCLEGPT_STOPPED_FOR_REQUEUE"   # printed by pretrain.trainer when it saved and stopped on a signal
 
@@ -190,35 +192,22 @@ def render(*, command: str, config_path: Path, slurm_dir: Path, workdir: Path, p
            tasks_per_node: int, gpus_per_node: int, cpus_per_task: int | None, job_name: str,
            partition: str | None, account: str | None, time_limit: str | None, signal_seconds: int,
            requeue: bool, env: list[str] = (), sbatch_options: list[str] = ()) -> str:
-    opts = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
-    if gpus_per_node:
-        opts.append(f"--gpus-per-node={gpus_per_node}")
-    if cpus_per_task:
-        opts.append(f"--cpus-per-task={cpus_per_task}")
-    opts += [f"--{k}={v}" for k, v in (("partition", partition), ("account", account), ("time", time_limit)) if v]
-    opts += [f"--chdir={workdir}", f"--output={slurm_dir}/job_%j.out", "--open-mode=append",
-             # no B: -> the warning goes to the job steps, i.e. straight to every training process
-             f"--signal=USR1@{signal_seconds}", "--requeue" if requeue else "--no-requeue", *sbatch_options]
-    # srun does not take --cpus-per-task from the allocation since Slurm 22.05; pass it on explicitly.
-    srun_opts = f" --cpus-per-task={cpus_per_task}" if cpus_per_task else ""
-    values = {
+    # no B: in --signal -> the warning goes to the job steps, i.e. straight to every training process
+    extra = ["--open-mode=append", f"--signal=USR1@{signal_seconds}", "--requeue" if requeue else "--no-requeue",
+             *sbatch_options]
+    header = sbatch_block(job_name=job_name, nodes=nodes, tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node,
+                          cpus_per_task=cpus_per_task, partition=partition, account=account, time_limit=time_limit,
+                          workdir=workdir, output=f"{slurm_dir}/job_%j.out", extra=extra)
+    return fill(TEMPLATE, {
         "command": command,
         "config": shlex.quote(str(config_path)),
-        "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts),
+        "sbatch_options": header,
         "slurm_dir": shlex.quote(str(slurm_dir)),   # '$(...)' or backticks in a path must stay text
         "requeue": "1" if requeue else "0",
-        "tasks_per_node": str(tasks_per_node),
-        "env_exports": "\n".join(f"export {kv.split('=', 1)[0]}={shlex.quote(kv.split('=', 1)[1])}" for kv in env),
-        "srun_options": srun_opts,
+        "task_environment": task_environment(tasks_per_node, env),
+        "srun_options": srun_options(cpus_per_task),
         "python": shlex.quote(python),
-    }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", value)
-    leftover = re.findall(r"\{\{\w+\}\}", text)
-    if leftover:
-        raise RuntimeError(f"{TEMPLATE} has unfilled placeholders {leftover}")
-    return text
+    })
 
 
 def _unique_stem(slurm_dir: Path) -> str:

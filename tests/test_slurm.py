@@ -177,6 +177,25 @@ def test_hostile_run_dir_stays_text(tmp_path, fake_data, monkeypatch, capsys, na
     assert f"--output={tmp_path / name}/slurm/job_%j.out" in sbatch_options(text)
 
 
+def test_task_environment_runs_under_set_e_when_scontrol_knows_no_node_addr(tmp_path):
+    """The rendezvous block both job scripts share (slurm/task_env.sh.in), run the way the benchmark script runs it
+    (set -euo pipefail): a node without a NodeAddr line must fall back to its name, not abort the job."""
+    from slurm.script_parts import task_environment
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"   # knows the allocation's host list, prints no NodeAddr
+    scontrol.write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo node-a\nexit 0\n')
+    scontrol.chmod(0o755)
+    script = ("set -euo pipefail\n" + task_environment(2, ["EXTRA=a b"])
+              + '\nprintf "%s|%s|%s|%s" "$MASTER_ADDR" "$MASTER_PORT" "$OMP_NUM_THREADS" "$EXTRA"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-a", "SLURM_JOB_ID": "7",
+           "SLURM_CPUS_ON_NODE": "4"}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "node-a|15007|2|a b"
+
+
 @pytest.mark.slow
 def test_bad_input_from_the_command_line(tmp_path):
     """The real entry point: one line on stderr, exit code 2, before sbatch is ever looked at."""
