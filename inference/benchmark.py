@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 
 from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_model_args,
-                           load_draft_vocab, model_from_args, parse_draft_len, run_main, sampling_from_args)
+                           model_from_args, parse_draft_len, run_main, sampling_from_args)
 from inference.decoding import MODES
+from inference.draft_vocab import load_draft_vocab
 
 
 def build_parser() -> OneLineArgumentParser:

@@ -90,20 +90,6 @@ def sampling_from_args(args):
     return sampling
 
 
-def load_draft_vocab(args, model):
-    """The --draft-vocab file for this model, or None."""
-    if not args.draft_vocab:
-        return None
-    from inference.draft_vocab import DraftVocab
-
-    try:
-        vocab = DraftVocab.load(args.draft_vocab)
-        vocab.check(model.cfg.vocab_size)
-    except ValueError as err:
-        raise UsageError(f"--draft-vocab: {err}") from None
-    return vocab
-
-
 def check_model_args(args):
     """Validate the model flags before anything heavy is imported or loaded."""
     if args.model and args.preset:

@@ -82,6 +82,20 @@ class DraftVocab:
         return cls(order[:size].clone())
 
 
+def load_draft_vocab(args, model) -> DraftVocab | None:
+    """The --draft-vocab file of inference.generate / inference.benchmark for this model, or None."""
+    from data_prep.cli import UsageError
+
+    if not args.draft_vocab:
+        return None
+    try:
+        vocab = DraftVocab.load(args.draft_vocab)
+        vocab.check(model.cfg.vocab_size)
+    except ValueError as err:
+        raise UsageError(f"--draft-vocab: {err}") from None
+    return vocab
+
+
 def count_tokens(prefixes: list[str], vocab_size: int | None = None, progress=None) -> torch.Tensor:
     """Token counts over megatron-core indexed datasets (`PREFIX.bin` / `PREFIX.idx`)."""
     import numpy as np
