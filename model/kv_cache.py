@@ -69,10 +69,12 @@ class KVCache:
         return self._index
 
     def attention_mask(self, M: int) -> torch.Tensor | None:
+        """`causal_mask(M)` for ragged rows; None when the rows agree (plain causal attention)."""
+        return None if self.uniform else self.causal_mask(M)
+
+    def causal_mask(self, M: int) -> torch.Tensor:
         """For M new queries per row (before `advance`): [B, 1, M, end] booleans, True where query j of
-        row b (at position lengths[b] + j) may attend; None when the rows agree (plain causal attention)."""
-        if self.uniform:
-            return None
+        row b (at position lengths[b] + j) may attend (every key up to its own position)."""
         if getattr(self, "_mask_for", None) != (tuple(self.lengths), M):    # built once per step, not per layer
             end = max(self.lengths) + M
             query_pos = torch.tensor(self.lengths, device=self.device)[:, None] + torch.arange(M, device=self.device)

@@ -7,7 +7,10 @@ Consolidates one checkpoint tag (default: `latest`) on one process and writes a 
     model.safetensors.index.json names model.safetensors alone, so vLLM leaves the module's file out
     recycle_module.safetensors   the recyclable module (keys recycle.*)
     config.json                  LlamaConfig + recycle_layers + auto_map -> RecycleGPTForCausalLM
-    generation_config.json, tokenizer files, modeling_recyclegpt.py (remote code)
+    generation_config.json, tokenizer files
+    modeling_recyclegpt.py + decoding.py, drafting.py, rows.py, sampling.py, draft_policy.py, step_costs.py,
+    kv_cache.py                  the remote code: the HF model adapter and our own decode loop beside it
+                                 (pretrain/remote_code.py finds the loop's files and rewrites their imports)
     with --vllm also: vllm_draft/ (the module as vLLM's MTP draft) and vllm_speculative_config.json
                                  (pretrain/vllm_export.py; docs/serving.md)
 
@@ -23,7 +26,6 @@ import shutil
 import sys
 from pathlib import Path
 
-REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote"
 MODULE_FILE = "recycle_module.safetensors"
 DTYPES = ("fp32", "bf16")
 
@@ -58,6 +60,7 @@ def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | 
     from safetensors.torch import save_file
 
     from pretrain.hf_convert import to_hf
+    from pretrain.remote_code import write_remote_code
 
     cast = torch.bfloat16 if dtype == "bf16" else torch.float32
     base, module = to_hf(cfg, state)
@@ -89,7 +92,7 @@ def write_hf_dir(tmp: Path, cfg, state: dict, dtype: str, tokenizer_dir: Path | 
         gen.update({k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                     if getattr(tokenizer, k, None) is not None})
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
-    shutil.copy2(REMOTE_CODE / "modeling_recyclegpt.py", tmp / "modeling_recyclegpt.py")
+    write_remote_code(tmp)
 
 
 def replace_dir(tmp: Path, output: Path):

@@ -71,7 +71,7 @@ def test_remote_code_decodes_like_ours_in_every_mode(exported):
         h = model.hidden(ids)
         nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
         want_g = model.recycle_hidden(h, nxt)
-        got_g = remote.recycle(h, remote.model.embed_tokens(nxt))
+        got_g = remote.draft_step(h, nxt)
     assert torch.allclose(got_g, want_g, atol=1e-5, rtol=0), (got_g - want_g).abs().max()
     # The module's own predictions matter: recycle differs from standard on an untrained model.
     assert greedy_generate(model, prompt, "recycle", 12).tokens != greedy_generate(model, prompt, "standard", 12).tokens
