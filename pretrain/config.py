@@ -5,6 +5,7 @@ Every error is one line naming the key and what would be valid, raised before an
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -121,9 +122,15 @@ class RunConfig:
         return Path(self.run.dir)
 
 
+# PyYAML reads YAML 1.1, where `3e-4` (no dot) is a string; YAML 1.2, JSON and every user read a number.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value, typ):
     origin = typing.get_origin(typ) or typ
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     if origin is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false")

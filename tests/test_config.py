@@ -19,6 +19,16 @@ def test_config_errors(overrides, message):
         load_config("configs/tiny.yaml", BASE + overrides)
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML reads `3e-4` as a string (YAML 1.1); a config must mean what it says, and other text still errors."""
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n  min_lr: 2E-5\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), BASE)
+    assert (cfg.train.lr, cfg.train.min_lr) == (3e-4, 2e-5)
+    assert load_config("configs/tiny.yaml", BASE + ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="train.lr='fast' has type str; expected float"):
+        load_config("configs/tiny.yaml", BASE + ["train.lr=fast"])
+
+
 def test_a_run_saved_with_the_removed_keys_still_loads(tmp_path):
     """config.yaml of a run made before the keys were removed holds them at their defaults."""
     import yaml
