@@ -1,0 +1,65 @@
+"""Why a 2-token full step costs about 2x a 1-token one on a CPU (docs/inference.md, "Step costs on a CPU").
+
+Times `F.linear(x, W)` (the layout our layers and the LM head use: W is [out, in]) and `x @ W_t` (W_t = W.T
+made contiguous, [in, out]) for M = 1 .. 8 rows of x, interleaved, medians, at one thread. On the 2-core EPYC
+development machine with torch 2.13, `F.linear` on the LM head's shape takes ~2x at M = 2 and ~3x at M = 3
+but only ~1.8x at M = 4, while `x @ W_t` takes ~1.1x at M = 2: small-M products are not weight-bound in the
+default layout. This is the kernel side of c(2)/c(1) ~ 1.9 in the benchmark's step costs.
+
+    python benchmarks/cpu_matmul_shapes.py --output runs/bench/matmul_shapes.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"attention q/o": (576, 576), "mlp up": (576, 1536), "mlp down": (1536, 576), "lm head": (576, 49152)}
+
+
+def timings(d_in: int, d_out: int, rows: list[int], reps: int) -> dict:
+    weight = torch.randn(d_out, d_in)
+    weight_t = weight.t().contiguous()
+    xs = {m: torch.randn(1, m, d_in) for m in rows}
+    kinds = {"linear": lambda x: F.linear(x, weight), "x@W_t": lambda x: x @ weight_t}
+    times = {(k, m): [] for k in kinds for m in rows}
+    for _ in range(reps):
+        for kind, fn in kinds.items():
+            for m in rows:
+                start = time.perf_counter()
+                fn(xs[m])
+                times[(kind, m)].append(time.perf_counter() - start)
+    med = {key: statistics.median(v[1:]) for key, v in times.items()}
+    unit = med[("linear", 1)]
+    return {kind: {m: med[(kind, m)] / unit for m in rows} for kind in kinds} | {"linear_m1_ms": unit * 1e3}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,2,3,4,8")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", required=True, metavar="FILE.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    report = {"torch": torch.__version__, "threads": args.threads, "shapes": {}}
+    for name, (d_in, d_out) in SHAPES.items():
+        reps = 12 if d_out * d_in > 1e7 else 200
+        t = timings(d_in, d_out, rows, reps)
+        report["shapes"][name] = {"in": d_in, "out": d_out, **t}
+        for kind in ("linear", "x@W_t"):
+            print(f"{name:14s} {kind:7s} " + "  ".join(f"M={m}: {t[kind][m]:.2f}" for m in rows)
+                  + f"   (units of linear at M=1 = {t['linear_m1_ms']:.3f} ms)")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
