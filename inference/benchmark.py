@@ -11,8 +11,9 @@ every mode. EOS is ignored: every row emits exactly --new-tokens tokens. `verify
 vocabulary). Between repeats it samples the step costs at the mid-generation cache length
 (inference/step_costs.py) and reports, per entry:
 
-    predicted  tau_cycle / (c(k+1)/c(1) + k f)  for verify with k drafts (tau_cycle: tokens per cycle as
-               measured, prefill excluded); 2 / (c(2)/c(1) + f_2) for recycle (the structural bound)
+    predicted  tau_cycle / (c(k+1)/c(1) + k f + (k-1) f_refresh)  for verify with k drafts (tau_cycle: tokens
+               per cycle as measured, prefill excluded; inference/draft_policy.py cycle_cost);
+               2 / (c(2)/c(1) + f_2) for recycle (the structural bound)
     speedup    measured tokens/s over standard's (median of repeats; speedup_best: best of repeats)
 
 Writes FILE.json with everything and FILE.png (tokens/s per entry, predicted speedups as markers).
@@ -135,7 +136,8 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
     def run(entry, prompts, n):
         k = entry["draft_len"]
         if k == "auto":         # from the step costs measured before the runs
-            k = AutoDraftLen(base_costs["cost_ratio"], base_costs["f_dv" if entry["draft_vocab"] else "f"])
+            k = AutoDraftLen(base_costs["cost_ratio"], base_costs["f_dv" if entry["draft_vocab"] else "f"],
+                             base_costs["f_refresh"])
         return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
                               draft_vocab=draft_vocab if entry["draft_vocab"] else None)
 
@@ -173,11 +175,13 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
 
 def compare(results: dict, costs: dict, greedy: bool):
     """Speedups over standard, predictions from the step costs, and the lossless check (greedy only)."""
+    from inference.draft_policy import cycle_cost
+
     std = results.get("standard")
     for res in results.values():
         if res["mode"] == "verify":
             k, f = res["draft_len"], costs["f_dv" if res["draft_vocab"] else "f"]
-            res["predicted_speedup"] = res["tau_cycle"] / (costs["cost_ratio"][k + 1] + k * f)
+            res["predicted_speedup"] = res["tau_cycle"] / cycle_cost(k, costs["cost_ratio"], f, costs["f_refresh"])
         elif res["mode"] == "recycle" and "recycle_bound" in costs:
             res["predicted_speedup"] = costs["recycle_bound_dv" if res["draft_vocab"] else "recycle_bound"]
         if std is None:
@@ -212,7 +216,8 @@ def print_table(report: dict):
     line = f"step costs at {costs['context_len']} cached positions: c(1) {1e3 * costs['full_1_s']:.2f} ms, {ratios}"
     if "f" in costs:
         line += f"; f {costs['f']:.2f}" + (f" (draft vocabulary {costs['f_dv']:.2f})" if "f_dv" in costs else "")
-        line += f", f_2 {costs['f_2']:.2f}; recycle bound {costs['recycle_bound']:.2f}x"
+        line += (f", f_2 {costs['f_2']:.2f}, f_refresh {costs['f_refresh']:.2f}; "
+                 f"recycle bound {costs['recycle_bound']:.2f}x")
     print(line)
 
 

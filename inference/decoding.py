@@ -136,7 +136,7 @@ def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft
 
     context = min(len(prompt) + max_new_tokens // 2, model.cfg.max_seq_len - max_k - 3)
     costs = measure(model, prompt, context, max_k + 1, draft_vocab=draft_vocab)
-    return AutoDraftLen(costs["cost_ratio"], costs["f"])
+    return AutoDraftLen(costs["cost_ratio"], costs["f_dv" if draft_vocab is not None else "f"], costs["f_refresh"])
 
 
 def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,

@@ -1,8 +1,11 @@
 """How many tokens to draft per verify cycle: a fixed k, or `auto` from measured costs and acceptance.
 
-With k drafts a cycle costs one (k+1)-token full step and k module steps, in units of a 1-token full step:
+With k drafts a cycle costs one (k+1)-token full step, k module steps that draft (each with its LM head) and
+k - 1 refresh passes of the deeper depths after verification (module layers only, inference/drafting.py step 3),
+in units of a 1-token full step:
 
-    cost(k)   = c(k+1)/c(1) + k * f          (f: one module step with its LM head, over c(1))
+    cost(k)   = c(k+1)/c(1) + k * f + (k - 1) * f_refresh
+                (f: one module step with its LM head, over c(1); f_refresh: one without the head)
     tokens(k) = 1 + sum_{j=1..k} a_1 * ... * a_j
 
 where a_j is the chance that draft j is accepted once drafts 1 .. j-1 were (measured per depth). The
@@ -23,14 +26,20 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
     return total
 
 
-def predicted_speedup(acceptance: list[float], k: int, cost_ratio: dict[int, float], f: float) -> float:
-    """tokens(k) / cost(k); cost_ratio[M] = c(M)/c(1)."""
-    return expected_tokens(acceptance, k) / (cost_ratio[k + 1] + k * f)
+def cycle_cost(k: int, cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0) -> float:
+    """cost(k) in units of c(1); cost_ratio[M] = c(M)/c(1)."""
+    return cost_ratio[k + 1] + k * f + (k - 1) * f_refresh
 
 
-def best_draft_len(acceptance: list[float], cost_ratio: dict[int, float], f: float) -> int:
+def predicted_speedup(acceptance: list[float], k: int, cost_ratio: dict[int, float], f: float,
+                      f_refresh: float = 0.0) -> float:
+    """tokens(k) / cost(k)."""
+    return expected_tokens(acceptance, k) / cycle_cost(k, cost_ratio, f, f_refresh)
+
+
+def best_draft_len(acceptance: list[float], cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0) -> int:
     ks = [k for k in range(1, len(acceptance) + 1) if k + 1 in cost_ratio]
-    return max(ks, key=lambda k: predicted_speedup(acceptance, k, cost_ratio, f))
+    return max(ks, key=lambda k: predicted_speedup(acceptance, k, cost_ratio, f, f_refresh))
 
 
 class FixedDraftLen:
@@ -52,8 +61,8 @@ class AutoDraftLen:
     """Picks k per cycle from `cost_ratio` (c(M)/c(1) for M = 1 .. K+1) and `f`, with acceptance per depth
     counted over the cycles so far (add-one smoothed, so an unmeasured depth counts as a coin flip)."""
 
-    def __init__(self, cost_ratio: dict[int, float], f: float):
-        self.cost_ratio, self.f = dict(cost_ratio), f
+    def __init__(self, cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0):
+        self.cost_ratio, self.f, self.f_refresh = dict(cost_ratio), f, f_refresh
         self.max_k = max(cost_ratio) - 1
         if self.max_k < 1:
             raise ValueError("auto draft length needs c(M)/c(1) for M = 1 .. K+1 with K >= 1")
@@ -76,4 +85,4 @@ class AutoDraftLen:
             for depth in range(min(a + 1, k)):       # depths 1 .. a passed; depth a+1 (if drafted) failed
                 self.tested[depth] += 1
                 self.passed[depth] += depth < a
-        self.k = best_draft_len(self.acceptance, self.cost_ratio, self.f)
+        self.k = best_draft_len(self.acceptance, self.cost_ratio, self.f, self.f_refresh)

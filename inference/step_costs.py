@@ -3,6 +3,7 @@
     full_M     an M-token full step plus the LM head on all M positions (verify reads them all), M = 1 .. K+1
     module_1   a 1-position module step plus its LM head (a draft step)
     module_2   a 2-position module step plus the LM head on its last position (recycle's module step)
+    module_refresh  a 1-position module step without any LM head (verify's deeper-depth refresh pass)
     *_dv       the same over a draft vocabulary, when one is given (f_dv, f_2_dv)
 
 Every sample rolls its cache back afterwards, so all samples see the same cache length. `sample` is meant
@@ -37,6 +38,7 @@ class StepCosts:
                 tag = "" if vocab is None else "_dv"
                 self.kinds["module_1" + tag] = lambda vocab=vocab: self._module_1(vocab)
                 self.kinds["module_2" + tag] = lambda vocab=vocab: self._module_2(vocab)
+            self.kinds["module_refresh"] = self._module_refresh
         self.times = {k: [] for k in self.kinds}
         self.sample(2, keep=False)           # warmup
 
@@ -55,6 +57,12 @@ class StepCosts:
         c = self.context_len
         g = self.model.draft_step(self.h2[:, -1:], self.ids[:, c + 2:c + 3], self.module)
         self._sync(self._module_logits(g[:, -1], vocab).argmax(-1))
+        self.module.rollback(1)
+
+    def _module_refresh(self):
+        c = self.context_len
+        g = self.model.draft_step(self.h2[:, -1:], self.ids[:, c + 2:c + 3], self.module)
+        self._sync(g[:, -1, :1])
         self.module.rollback(1)
 
     def _module_2(self, vocab):
@@ -83,7 +91,7 @@ class StepCosts:
             out["c2_over_c1"] = out["cost_ratio"][2]
         if "module_1" in t:
             out.update(module_1_s=t["module_1"], module_2_s=t["module_2"], f=t["module_1"] / t["full_1"],
-                       f_2=t["module_2"] / t["full_1"])
+                       f_2=t["module_2"] / t["full_1"], f_refresh=t["module_refresh"] / t["full_1"])
             if "c2_over_c1" in out:
                 out["recycle_bound"] = 2 / (out["c2_over_c1"] + out["f_2"])
         if "module_1_dv" in t:

@@ -98,7 +98,8 @@ def test_benchmark_draft_lens_batch_and_sampling(tmp_path):
     assert set(costs["cost_ratio"]) == {"1", "2", "3", "4"}
     k = 3
     assert modes["verify_k3"]["predicted_speedup"] == pytest.approx(
-        modes["verify_k3"]["tau_cycle"] / (costs["cost_ratio"][str(k + 1)] + k * costs["f"]))
+        modes["verify_k3"]["tau_cycle"] / (costs["cost_ratio"][str(k + 1)] + k * costs["f"]
+                                           + (k - 1) * costs["f_refresh"]))
 
 
 @pytest.mark.slow

@@ -190,6 +190,9 @@ def test_expected_tokens_and_the_best_draft_len():
     steep = {m: 1.0 + 0.5 * (m - 1) for m in range(1, 6)}       # each verified token costs half a step
     assert best_draft_len([0.9] * 4, steep, 0.05) < 4
     assert predicted_speedup([1.0], 1, {1: 1.0, 2: 1.0}, 0.0) == 2.0
+    # the k - 1 deeper-depth refresh passes count: with costly ones, good drafts no longer pay at every depth
+    assert predicted_speedup([1.0, 1.0], 2, {3: 1.0}, 0.0, f_refresh=0.5) == pytest.approx(3 / 1.5)
+    assert best_draft_len([0.6] * 4, flat, 0.05, f_refresh=0.4) == 1
 
 
 @pytest.mark.parametrize("module", ["random", "perfect"])
