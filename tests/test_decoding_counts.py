@@ -11,7 +11,7 @@ import inference.decoding
 from inference import benchmark
 from inference.decoding import generate_batch, greedy_generate
 from model import ModelConfig, RecycleGPT
-from tests.test_inference_decoding import mirror_module
+from tests.test_inference_decoding import mirror_module, random_model
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=160, max_seq_len=96, recycle_layers=2)
@@ -43,13 +43,7 @@ class CountingModel:
 def model_with_a_useful_module(seed=0):
     """Random weights, and a module that copies the base's layers so that verify accepts some drafts (a module
     that is always wrong or always right would leave one branch of the counting untested)."""
-    torch.manual_seed(seed)
-    model = RecycleGPT(CFG).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.15)
-    return mirror_module(model)
+    return mirror_module(random_model(seed, CFG))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from inference.decoding import greedy_generate
-from model import ModelConfig, RecycleGPT
+from model import ModelConfig
 from parallel.setup import free_port
 from tests.helpers import ROOT, clean_env
+from tests.test_inference_decoding import random_model
 
 pytestmark = pytest.mark.gpu
 
@@ -25,13 +26,7 @@ PROMPTS = [[5, 9, 77], [17, 3, 99, 42, 8], list(range(100, 130))]
 
 
 def model_on(device, dtype, seed=0):
-    torch.manual_seed(seed)
-    model = RecycleGPT(CFG).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.1)
-    return model.to(device=device, dtype=dtype)
+    return random_model(seed, CFG, std=0.1).to(device=device, dtype=dtype)
 
 
 def agreement(model, n=64):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5], [17, 3, 99, 42], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], list(range(200, 230))]
 
 
-def random_model(seed=0, cfg=CFG):
+def random_model(seed=0, cfg=CFG, std=0.15):
     torch.manual_seed(seed)
     model = RecycleGPT(cfg).eval()
     with torch.no_grad():
@@ -29,7 +29,7 @@ def random_model(seed=0, cfg=CFG):
         # (much larger and the softmaxes underflow into denormals, which makes CPU matmuls crawl).
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, std)
     return model
 
 

@@ -12,7 +12,8 @@ import torch
 from inference.decoding import DecodingError, generate, generate_batch
 from inference.draft_vocab import DraftVocab
 from inference.sampling import Sampler, Sampling
-from model import ModelConfig, RecycleGPT
+from model import ModelConfig
+from tests.test_inference_decoding import random_model
 
 V = 6
 CFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
@@ -26,13 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = RecycleGPT(CFG).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0.0, 0.3)
-    return m
+    return random_model(0, CFG, std=0.3)
 
 
 def exact_distribution(model, sampling: Sampling) -> dict[tuple, float]:
