@@ -127,7 +127,7 @@ def make_prompts(args, model, tokenizer, count: int) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------------ runs
 def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, cost_rounds: int = 60) -> dict:
     from inference.decoding import generate_batch
-    from inference.draft_policy import AutoDraftLen
+    from inference.draft_policy import AutoDraftLen, draft_costs
 
     from inference.step_costs import same_on_every_rank
 
@@ -136,8 +136,7 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
     def run(entry, prompts, n):
         k = entry["draft_len"]
         if k == "auto":         # from the step costs measured before the runs
-            k = AutoDraftLen(base_costs["cost_ratio"], base_costs["f_dv" if entry["draft_vocab"] else "f"],
-                             base_costs["f_refresh"])
+            k = AutoDraftLen(base_costs["cost_ratio"], *draft_costs(base_costs, entry["draft_vocab"]))
         return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
                               draft_vocab=draft_vocab if entry["draft_vocab"] else None)
 
@@ -175,13 +174,13 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
 
 def compare(results: dict, costs: dict, greedy: bool):
     """Speedups over standard, predictions from the step costs, and the lossless check (greedy only)."""
-    from inference.draft_policy import cycle_cost
+    from inference.draft_policy import cycle_cost, draft_costs
 
     std = results.get("standard")
     for res in results.values():
         if res["mode"] == "verify":
-            k, f = res["draft_len"], costs["f_dv" if res["draft_vocab"] else "f"]
-            res["predicted_speedup"] = res["tau_cycle"] / cycle_cost(k, costs["cost_ratio"], f, costs["f_refresh"])
+            cost = cycle_cost(res["draft_len"], costs["cost_ratio"], *draft_costs(costs, res["draft_vocab"]))
+            res["predicted_speedup"] = res["tau_cycle"] / cost
         elif res["mode"] == "recycle" and "recycle_bound" in costs:
             res["predicted_speedup"] = costs["recycle_bound_dv" if res["draft_vocab"] else "recycle_bound"]
         if std is None:

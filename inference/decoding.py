@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from inference.draft_policy import AutoDraftLen, FixedDraftLen
+from inference.draft_policy import AutoDraftLen, FixedDraftLen, draft_costs
 from inference.drafting import decode_verify
 from inference.rows import (  # noqa: F401  (DecodeStats, Generation: part of the API)
     BatchGeneration, DecodeStats, Generation, Rows, module_choice, module_prefill, prefill)
@@ -136,7 +136,7 @@ def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft
 
     context = min(len(prompt) + max_new_tokens // 2, model.cfg.max_seq_len - max_k - 3)
     costs = measure(model, prompt, context, max_k + 1, draft_vocab=draft_vocab)
-    return AutoDraftLen(costs["cost_ratio"], costs["f_dv" if draft_vocab is not None else "f"], costs["f_refresh"])
+    return AutoDraftLen(costs["cost_ratio"], *draft_costs(costs, draft_vocab is not None))
 
 
 def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,

@@ -26,6 +26,11 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
     return total
 
 
+def draft_costs(costs: dict, over_draft_vocab: bool) -> tuple[float, float]:
+    """(f, f_refresh) from a StepCosts summary: a draft's LM head runs over the draft vocabulary when there is one."""
+    return costs["f_dv" if over_draft_vocab else "f"], costs["f_refresh"]
+
+
 def cycle_cost(k: int, cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0) -> float:
     """cost(k) in units of c(1); cost_ratio[M] = c(M)/c(1)."""
     return cost_ratio[k + 1] + k * f + (k - 1) * f_refresh

@@ -38,7 +38,7 @@ class StepCosts:
                 tag = "" if vocab is None else "_dv"
                 self.kinds["module_1" + tag] = lambda vocab=vocab: self._module_1(vocab)
                 self.kinds["module_2" + tag] = lambda vocab=vocab: self._module_2(vocab)
-            self.kinds["module_refresh"] = self._module_refresh
+            self.kinds["module_refresh"] = lambda: self._module_1(None, head=False)
         self.times = {k: [] for k in self.kinds}
         self.sample(2, keep=False)           # warmup
 
@@ -53,16 +53,10 @@ class StepCosts:
     def _module_logits(self, g, vocab):
         return self.model.logits(g) if vocab is None else vocab.logits(self.model, g)
 
-    def _module_1(self, vocab):
+    def _module_1(self, vocab, head: bool = True):
         c = self.context_len
         g = self.model.draft_step(self.h2[:, -1:], self.ids[:, c + 2:c + 3], self.module)
-        self._sync(self._module_logits(g[:, -1], vocab).argmax(-1))
-        self.module.rollback(1)
-
-    def _module_refresh(self):
-        c = self.context_len
-        g = self.model.draft_step(self.h2[:, -1:], self.ids[:, c + 2:c + 3], self.module)
-        self._sync(g[:, -1, :1])
+        self._sync(self._module_logits(g[:, -1], vocab).argmax(-1) if head else g[:, -1, :1])
         self.module.rollback(1)
 
     def _module_2(self, vocab):
