@@ -312,7 +312,7 @@ def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, to
     """Every rank runs this (same prompts, same loop on its TP shard); rank 0 prints and writes."""
     import torch
 
-    from inference import tp_loading, tp_report
+    from inference import tp_loading, tp_report, weight_layout
     from inference.step_costs import StepCosts
 
     load_peak = tp_loading.peak_rss_bytes()
@@ -338,7 +338,8 @@ def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, to
     compare(results, summary, sampling.greedy)
     report = {"model": description, "parameters": model.cfg.num_parameters(), "config": model.cfg.to_dict(),
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-              "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+              "dtype": str(dtype).replace("torch.", ""), "weight_layout": weight_layout.layout_of(model),
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "host": platform.node(), "prompt_len": args.prompt_len,
               "prompt_source": args.prompt_corpus or ("text" if args.prompt else "random ids"),
               "new_tokens": args.new_tokens, "repeats": args.repeats, "batch_size": args.batch_size,

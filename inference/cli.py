@@ -47,6 +47,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
                         help="torch.compile the decode steps; reduce-overhead = CUDA graphs on a GPU (off: eager; "
                         "on a CPU compiling was measured slower, docs/inference.md)")
+    parser.add_argument("--weight-layout", choices=["auto", "row", "column"], default="auto",
+                        help="how Linear weights are stored for decoding (inference/weight_layout.py): column-major "
+                        "makes small fp32 steps on a CPU faster; auto = column for fp32 on a CPU, row otherwise")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = "1"):
@@ -142,6 +145,8 @@ def model_from_args(args, cache_len: int):
         model, tokenizer = loading.load_model_dir(args.model, dtype, device)
     else:       # random init (any tp) and every tp > 1: this rank's shard, built directly
         model, tokenizer = tp_loading.load_shard(args.model, args.preset, args.seed, dtype, device, args.model_config)
+    from inference import weight_layout
+    weight_layout.apply(model, weight_layout.resolve(args.weight_layout, device, dtype))
     from inference.compiled import compile_steps
     compile_steps(model, args.compile)
     description = args.model if args.model else f"preset {args.preset} (random init)"

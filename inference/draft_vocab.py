@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from inference.weight_layout import like
+
 FILE_NAME = "draft_vocab.safetensors"
 
 
@@ -44,8 +46,8 @@ class DraftVocab:
             return model.logits(states)[..., self.token_ids]
         weight = model.lm_head.weight
         key = (weight.data_ptr(), weight.dtype, weight.device)
-        if key not in self._weights:    # the V' rows of W_out, copied once per model
-            self._weights = {key: weight.detach()[self.token_ids].contiguous()}
+        if key not in self._weights:    # the V' rows of W_out, copied once per model, in W_out's layout
+            self._weights = {key: like(weight.detach()[self.token_ids], weight)}
         return torch.nn.functional.linear(states, self._weights[key])
 
     def to_full(self, local_ids: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,10 @@ def hf_logits(folder, ids):
         return model(torch.tensor([ids])).logits[0]
 
 
-def our_logits(folder, ids):
+def our_logits(folder, ids, layout="row"):
+    from inference.weight_layout import apply
     from pretrain.hf_dir import load_hf_dir
-    model = load_hf_dir(folder)
+    model = apply(load_hf_dir(folder), layout)      # column: how inference stores fp32 weights on a CPU
     with torch.no_grad():
         return model.logits(model.hidden(torch.tensor([ids]))[0])
 
@@ -90,13 +91,15 @@ def test_gqa_shape_tp_cannot_split_names_valid_sizes(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_import_logits_equal_transformers(smollm2_dir):
-    """Tied embeddings, GQA 9/3, rope_theta 1e5 from rope_parameters: the imported base is the same function."""
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_smollm2_import_logits_equal_transformers(smollm2_dir, layout):
+    """Tied embeddings, GQA 9/3, rope_theta 1e5 from rope_parameters: the imported base is the same function,
+    with its weights stored row-major (as loaded) or column-major (--weight-layout column)."""
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(smollm2_dir)).encode("The President shall, from time to time, give "
                                                                  "to the Congress information of the State of the Union")
-    ours, theirs = our_logits(smollm2_dir, ids), hf_logits(smollm2_dir, ids)
+    ours, theirs = our_logits(smollm2_dir, ids, layout), hf_logits(smollm2_dir, ids)
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=2e-4)
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
