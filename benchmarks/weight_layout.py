@@ -10,7 +10,8 @@ shared and noisy; greedy output of the two layouts must be identical (checked pe
         --draft-len 1,2,3 --draft-vocab runs/smollm2-recycle/draft_vocab.safetensors --threads 1 \\
         --prompt-len 32 --new-tokens 48 --repeats 4 --cost-rounds 12 --output runs/bench/weight_layout_fp32.json
 
-Writes FILE.json (per layout and entry: tokens/s runs, median, best, tau; step costs; column/row ratios).
+Writes FILE.json (per layout and entry: tokens/s runs, median, best, tau, prefill; step costs; column/row
+ratios) and FILE.md (the tables of docs/inference.md).
 """
 from __future__ import annotations
 
@@ -119,6 +120,28 @@ def print_table(report: dict):
         print(f"step costs {layout:<7} c(1) {1e3 * c['full_1_s']:.1f} ms, {line}{extra}")
 
 
+def markdown(report: dict) -> str:
+    """The tables docs/inference.md shows: tokens/s per entry and layout, and the step costs."""
+    layouts, ratios = report["layouts"], report["column_over_row"]
+    lines = ["| entry | row tok/s | column tok/s | column / row (best) | speedup over standard, row / column | τ | "
+             "prefill time column / row | same tokens |", "|---|---|---|---|---|---|---|---|"]
+    for name, ratio in ratios.items():
+        row, col = layouts["row"]["modes"][name], layouts["column"]["modes"][name]
+        lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {col['tokens_per_s']:.1f} | "
+                     f"**{ratio['column_over_row']:.2f}x** ({ratio['column_over_row_best']:.2f}x) | "
+                     f"{row.get('speedup', 0):.2f}x / {col.get('speedup', 0):.2f}x | {row['tau']:.2f} | "
+                     f"{ratio['prefill_column_over_row']:.2f}x | {'yes' if ratio['identical_tokens'] else 'NO'} |")
+    ms = [m for m in layouts["row"]["step_costs"]["full_s"]]
+    lines += ["", "| layout | " + " | ".join(f"c({m})" for m in ms) + " | " +
+              " | ".join(f"c({m})/c(1)" for m in ms[1:]) + " | f (dv) |", "|---" * (2 * len(ms) + 1) + "|"]
+    for layout in LAYOUTS:
+        c = layouts[layout]["step_costs"]
+        f = f"{c['f']:.2f} ({c['f_dv']:.2f})" if "f_dv" in c else f"{c.get('f', float('nan')):.2f}"
+        lines.append(f"| {layout} | " + " | ".join(f"{1e3 * c['full_s'][m]:.1f} ms" for m in ms) + " | " +
+                     " | ".join(f"{c['cost_ratio'][m]:.2f}" for m in ms[1:]) + f" | {f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     modes = parse_modes(args.modes)
@@ -170,7 +193,8 @@ def main(argv=None) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

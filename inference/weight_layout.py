@@ -70,8 +70,11 @@ def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def layout_of(model: nn.Module) -> str:
-    """'row', 'column', or 'mixed': how the model's Linear weights are stored now (reports, tests)."""
-    kinds = {"column" if is_column_major(w) else "row" if w.is_contiguous() else "mixed" for w in linear_weights(model)}
+    """'row', 'column', or 'mixed': how the model's 2-D weights other than embeddings are stored now (reports,
+    tests). Independent of `linear_weights` on purpose: a Linear type that `apply` misses shows as 'mixed'."""
+    embeddings = {id(m.weight) for m in model.modules() if hasattr(m, "num_embeddings")}
+    kinds = {"column" if is_column_major(w) else "row" if w.is_contiguous() else "mixed"
+             for w in model.parameters() if w.dim() == 2 and id(w) not in embeddings}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
