@@ -112,7 +112,8 @@ def print_table(report: dict):
         row, col = layouts["row"]["modes"][name], layouts["column"]["modes"][name]
         print(f"{name:<14}{row['tokens_per_s']:>10.1f}{col['tokens_per_s']:>10.1f}{ratio['column_over_row']:>8.2f}x"
               f"{ratio['column_over_row_best']:>7.2f}x{row.get('speedup', 0):>8.2f}x{col.get('speedup', 0):>8.2f}x"
-              f"{row['tau']:>6.2f}{ratio['prefill_column_over_row']:>15.2f}x{'yes' if ratio['identical_tokens'] else 'NO':>6}")
+              f"{row['tau']:>6.2f}{ratio['prefill_column_over_row']:>15.2f}x"
+              f"{'yes' if ratio['identical_tokens'] else 'NO':>6}")
     for layout in LAYOUTS:
         c = layouts[layout]["step_costs"]
         line = ", ".join(f"c({m})/c(1) {v:.2f}" for m, v in c["cost_ratio"].items() if m > 1)

@@ -199,8 +199,8 @@ def compare(results: dict, costs: dict, greedy: bool):
 def print_table(report: dict):
     costs, results = report["step_costs"], report["modes"]
     print(f"{report['model']}  ({report['parameters']['total'] / 1e6:.1f}M params, {report['device']}, "
-          f"{report['dtype']}, {report['threads']} threads)  prompt {report['prompt_len']}, {report['new_tokens']} "
-          f"new tokens, tp {report['tp']}, batch {report['batch_size']}, temperature {report['temperature']}, {report['repeats']} repeats")
+          f"{report['dtype']}, {report['weight_layout']}-major weights, {report['threads']} threads)  prompt "
+          f"{report['prompt_len']}, {report['new_tokens']} new tokens, tp {report['tp']}, batch {report['batch_size']}, temperature {report['temperature']}, {report['repeats']} repeats")
     print(f"{'entry':<16}{'k':>5}{'tokens/s':>10}{'speedup':>9}{'best':>7}{'predicted':>10}{'tau':>7}{'accept':>8}"
           f"{'identical':>10}")
     for name, r in results.items():
