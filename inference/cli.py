@@ -62,8 +62,13 @@ def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = 
                         "losslessly in standard and verify")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this much mass")
-    parser.add_argument("--draft-vocab", metavar="FILE", help="draft_vocab.safetensors (python -m "
-                        "inference.draft_vocab): the module drafts over these tokens only")
+    add_draft_vocab_arg(parser)
+
+
+def add_draft_vocab_arg(parser: argparse.ArgumentParser):
+    parser.add_argument("--draft-vocab", metavar="FILE|none", help="draft_vocab.safetensors (python -m "
+                        "inference.draft_vocab): the module drafts over these tokens only; default: the model "
+                        "directory's own draft_vocab.safetensors if it has one, none: the whole vocabulary")
 
 
 def parse_draft_len(text: str, max_draft_len: int):
@@ -87,10 +92,26 @@ def sampling_from_args(args):
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if sampling.problems():
         raise UsageError("; ".join(f"--{p}" for p in sampling.problems()))
-    if args.draft_vocab and not Path(args.draft_vocab).is_file():
+    resolve_draft_vocab(args)
+    return sampling
+
+
+def resolve_draft_vocab(args):
+    """args.draft_vocab -> a file or None. Unset means the model's own: a module trained with recycle.draft_vocab
+    learned only those tokens' logits, so it drafts over RUN_DIR/draft_vocab.safetensors unless told `none`."""
+    from model.draft_vocab import FILE_NAME
+
+    if args.draft_vocab == "none":
+        args.draft_vocab = None
+    elif args.draft_vocab is None:
+        beside = Path(args.model) / FILE_NAME if getattr(args, "model", None) else None
+        if beside is not None and beside.is_file():
+            print(f"drafting over {beside}, the model's own draft vocabulary (--draft-vocab none: the whole "
+                  "vocabulary)", file=sys.stderr)
+            args.draft_vocab = str(beside)
+    elif not Path(args.draft_vocab).is_file():
         raise UsageError(f"--draft-vocab {args.draft_vocab}: no such file; write one with python -m "
                          "inference.draft_vocab --data PREFIX --output FILE")
-    return sampling
 
 
 def check_model_args(args):

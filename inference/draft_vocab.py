@@ -15,73 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from inference.weight_layout import like
-
-FILE_NAME = "draft_vocab.safetensors"
-
-
-class DraftVocab:
-    def __init__(self, token_ids: torch.Tensor):
-        self.token_ids = token_ids.long()
-        self._weights: dict = {}
-
-    def __len__(self) -> int:
-        return self.token_ids.numel()
-
-    # ------------------------------------------------------------------------------------------ decoding
-    def to(self, device) -> "DraftVocab":
-        self.token_ids = self.token_ids.to(device)
-        return self
-
-    def check(self, vocab_size: int):
-        if len(self) == 0 or int(self.token_ids.max()) >= vocab_size or int(self.token_ids.min()) < 0:
-            raise ValueError(f"draft vocabulary of {len(self)} ids does not fit the model's {vocab_size}-token "
-                             "vocabulary; compute it from data tokenized with the model's tokenizer")
-
-    def logits(self, model, states: torch.Tensor) -> torch.Tensor:
-        """Logits [..., V'] of the module's states over the draft vocabulary only."""
-        if model.spec.tp_size > 1:      # the head is split over the vocabulary: gather, then pick (no saving)
-            return model.logits(states)[..., self.token_ids]
-        weight = model.lm_head.weight
-        key = (weight.data_ptr(), weight.dtype, weight.device)
-        if key not in self._weights:    # the V' rows of W_out, copied once per model, in W_out's layout
-            self._weights = {key: like(weight.detach()[self.token_ids], weight)}
-        return torch.nn.functional.linear(states, self._weights[key])
-
-    def to_full(self, local_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_ids[local_ids]
-
-    def scatter(self, local_probs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """A distribution over the draft vocabulary [..., V'] as one over the full vocabulary [..., V]."""
-        full = local_probs.new_zeros(*local_probs.shape[:-1], vocab_size)
-        return full.index_copy_(-1, self.token_ids, local_probs)
-
-    # ----------------------------------------------------------------------------------------- files
-    def save(self, path):
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"token_ids": self.token_ids.cpu().contiguous()}, str(tmp), metadata={"size": str(len(self))})
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path) -> "DraftVocab":
-        from safetensors.torch import load_file
-
-        try:
-            return cls(load_file(str(path))["token_ids"])
-        except (OSError, KeyError, Exception) as err:  # safetensors raises its own error types
-            raise ValueError(f"could not read a draft vocabulary from {path}: {err}; "
-                             "write one with python -m inference.draft_vocab") from None
-
-    @classmethod
-    def from_counts(cls, counts: torch.Tensor, size: int) -> "DraftVocab":
-        """The `size` most frequent token ids (ties: lower id first)."""
-        order = torch.sort(counts.double(), descending=True, stable=True).indices
-        return cls(order[:size].clone())
+from data_prep.token_counts import count_tokens
+from model.draft_vocab import FILE_NAME, DraftVocab
 
 
 def load_draft_vocab(args, model) -> DraftVocab | None:
@@ -96,24 +31,6 @@ def load_draft_vocab(args, model) -> DraftVocab | None:
     except ValueError as err:
         raise UsageError(f"--draft-vocab: {err}") from None
     return vocab
-
-
-def count_tokens(prefixes: list[str], vocab_size: int | None = None, progress=None) -> torch.Tensor:
-    """Token counts over megatron-core indexed datasets (`PREFIX.bin` / `PREFIX.idx`)."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    counts = np.zeros(vocab_size or 1, dtype=np.int64)
-    for prefix in prefixes:
-        data = IndexedDataset(prefix)
-        for i in range(len(data)):
-            c = np.bincount(np.asarray(data[i], dtype=np.int64))
-            if c.size > counts.size:
-                counts = np.pad(counts, (0, c.size - counts.size))
-            counts[:c.size] += c
-            if progress is not None:
-                progress(i + 1, len(data), prefix)
-    return torch.from_numpy(counts)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from inference.cli import OneLineArgumentParser, UsageError, add_model_args, check_model_args, model_from_args, run_main
+from inference.cli import (OneLineArgumentParser, UsageError, add_draft_vocab_arg, add_model_args, check_model_args,
+                           model_from_args, resolve_draft_vocab, run_main)
 
 BUCKETS = (0, 8, 32, 128, 512, 2048)    # position-in-window bucket edges (lower bounds)
 
@@ -43,6 +44,7 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--tokens", type=int, default=16384, help="teacher-forced tokens scored (default 16384)")
     p.add_argument("--window", type=int, default=256, help="teacher-forced window length (default 256)")
     p.add_argument("--draft-len", type=int, default=1, help="tokens the module drafts per verify cycle (default 1)")
+    add_draft_vocab_arg(p)
     return p
 
 
@@ -57,6 +59,7 @@ def check_args(args):
         if not (is_prefix(item) or os.path.exists(item)):
             raise UsageError(f"--input {item}: no such file or folder, and no {item}.bin/.idx; pass raw text "
                              "(jsonl, jsonl.zst, parquet, txt, a saved dataset) or a prefix from data_prep.tokenize")
+    resolve_draft_vocab(args)
     out = Path(args.output)
     if out.suffix != ".json":
         raise UsageError(f"--output {args.output} must end in .json (the plot is written next to it as .png)")
@@ -125,10 +128,13 @@ def prompts_from(docs: list[list[int]], count: int, length: int) -> list[list[in
 
 
 # --------------------------------------------------------------------------------- teacher forcing
-def teacher_forced(model, pieces: list[list[int]], device) -> dict:
-    """Base NLL and module agreement with the base's own next argmax, per position, over all windows."""
+def teacher_forced(model, pieces: list[list[int]], device, draft_vocab=None) -> dict:
+    """Base NLL and module agreement with the base's own next argmax, per position, over all windows (the
+    module's top-1 over the draft vocabulary when decoding drafts over one)."""
     import torch
     import torch.nn.functional as F
+
+    from inference.rows import module_top1
 
     nll_sum, nll_count = 0.0, 0
     hits = {b: [0, 0] for b in BUCKETS}
@@ -143,7 +149,7 @@ def teacher_forced(model, pieces: list[list[int]], device) -> dict:
             if model.recycle is None:
                 continue
             g = model.recycle_hidden(h[:, :-1], ids[:, 1:])             # g_i reads x_{i+1}, predicts x_{i+2}
-            guess = model.logits(g[0]).argmax(-1)[:-1]                  # positions 0 .. T-3
+            guess = module_top1(model, g[0], draft_vocab)[:-1]          # positions 0 .. T-3
             base_next = logits.argmax(-1)[1:-1]                         # base's argmax at i+1 (verify's check)
             agree = (guess == base_next).tolist()
             corpus_hits[0] += int((guess == ids[0, 2:]).sum())
@@ -185,16 +191,17 @@ def predicted_tau(acceptance: float, draft_len: int) -> float:
     return sum(acceptance ** j for j in range(draft_len + 1))
 
 
-def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len: int = 1) -> dict:
+def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len: int = 1, draft_vocab=None) -> dict:
     """Every prompt in standard, recycle and verify (mode order rotated per prompt, EOS ignored)."""
-    from inference.decoding import MODES, greedy_generate
+    from inference.decoding import MODES, generate
 
     modes = MODES if model.recycle is not None else ("standard",)
     runs = {m: [] for m in modes}
-    greedy_generate(model, prompts[0], "standard", 4)         # warm-up: first-call costs out of the figures
+    generate(model, prompts[0], "standard", 4)                # warm-up: first-call costs out of the figures
     for n, prompt in enumerate(prompts):
         for m in modes[n % len(modes):] + modes[:n % len(modes)]:
-            runs[m].append(greedy_generate(model, prompt, m, new_tokens, draft_len=draft_len if m == "verify" else 1))
+            runs[m].append(generate(model, prompt, m, new_tokens, draft_len=draft_len if m == "verify" else 1,
+                                    draft_vocab=draft_vocab))
     out = {"tokens_per_s": {m: sum(g.stats.new_tokens for g in gens) / sum(g.stats.seconds for g in gens)
                             for m, gens in runs.items()}}
     if model.recycle is None:
@@ -254,13 +261,19 @@ def evaluate(args) -> dict:
     docs = read_documents(args.input, tokenizer, args.tokens + args.prompts * args.prompt_len * 4)
     pieces = windows(docs, min(args.window, model.cfg.max_seq_len), args.tokens)
     print(f"scoring {sum(map(len, pieces))} tokens in {len(pieces)} windows", file=sys.stderr, flush=True)
+    from inference.draft_vocab import load_draft_vocab
+
+    draft_vocab = load_draft_vocab(args, model)
+    if draft_vocab is not None:
+        draft_vocab.to(device)
     result = {"model": description, "inputs": args.input, "dtype": str(dtype).removeprefix("torch."),
-              **teacher_forced(model, pieces, device)}
+              "draft_vocab": args.draft_vocab, "draft_vocab_size": len(draft_vocab or []),
+              **teacher_forced(model, pieces, device, draft_vocab)}
     acceptance = result["acceptance_rate"]
     result["tau_predicted"] = predicted_tau(acceptance, args.draft_len) if acceptance is not None else None
     prompts = prompts_from(docs, args.prompts, args.prompt_len)
     print(f"decoding {len(prompts)} prompts x {args.new_tokens} tokens per mode", file=sys.stderr, flush=True)
-    dec = decoded(model, prompts, args.new_tokens, device, args.draft_len)
+    dec = decoded(model, prompts, args.new_tokens, device, args.draft_len, draft_vocab)
     runs = dec.pop("_runs", None)
     result.update({"tau_measured": None, "recycle_nll_gap": None, "recycle_agreement": None})
     result.update(dec)

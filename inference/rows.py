@@ -148,14 +148,18 @@ def module_prefill(model, rows: Rows, h, first: list[int], module_cache):
 def module_choice(model, rows: Rows, g: torch.Tensor, draft_vocab=None):
     """The module's token for states g [B, d]: returns (tokens [B] tensor, q [B, V] or None when greedy)."""
     sampler = rows.sampler
-    logits = model.logits(g) if draft_vocab is None else draft_vocab.logits(model, g)
     if sampler.greedy:
-        tokens, q = logits.argmax(-1), None
-    else:
-        q = sampler.probs(logits)
-        tokens = sampler.draw(q)
-        if draft_vocab is not None:
-            q = draft_vocab.scatter(q, model.cfg.vocab_size)
+        return module_top1(model, g, draft_vocab), None
+    logits = model.logits(g) if draft_vocab is None else draft_vocab.logits(model, g)
+    q = sampler.probs(logits)
+    tokens = sampler.draw(q)
     if draft_vocab is not None:
-        tokens = draft_vocab.to_full(tokens)
+        return draft_vocab.to_full(tokens), draft_vocab.scatter(q, model.cfg.vocab_size)
     return tokens, q
+
+
+def module_top1(model, g: torch.Tensor, draft_vocab=None) -> torch.Tensor:
+    """The module's greedy token(s) for states g [..., d]: the argmax over the whole or the draft vocabulary."""
+    if draft_vocab is None:
+        return model.logits(g).argmax(-1)
+    return draft_vocab.to_full(draft_vocab.logits(model, g).argmax(-1))

@@ -10,7 +10,11 @@ model/recycle.py `RecyclableModule.unroll`) predicts x_{i+j+1}; its loss L_rec^(
                     at position i+j, i.e. what `verify` accepts; the teacher is detached)
     target=mix      (1 - mix) * tokens + mix * base
 
-as a token mean over the positions whose target token is not masked. Depth 1 (the default) is the paper's
+as a token mean over the positions whose target token is not masked. With a draft vocabulary
+(recycle.draft_vocab: the V' most frequent training tokens, model/draft_vocab.py) the module's logits are
+W_out's V' rows only, the teacher is the base's distribution renormalised over those V' tokens, and a corpus
+token outside them is masked out of the CE: the module learns exactly the choice it drafts over, for a head
+V/V' times cheaper (the module's LM head is most of its training cost on a small model). Depth 1 (the default) is the paper's
 module: L_rec^(1) is logged as `recycle_loss`, deeper ones as `recycle_loss_d2`, `recycle_loss_d3`, ...
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 TARGETS = ("tokens", "base", "mix")
 
@@ -60,6 +65,7 @@ class RecycleObjective:
     mix: float = 0.5                     # share of the base-distribution term under target=mix
     depth: int = 1                       # recycle.train_depth
     depth_weights: tuple = field(default=())   # w_1 .. w_depth; empty = all 1.0
+    draft_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)   # recycle.draft_vocab rows
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -82,6 +88,21 @@ class RecycleObjective:
     def base_share(self) -> float:
         return {"tokens": 0.0, "base": 1.0, "mix": self.mix}[self.target]
 
+    def module_logits(self, lm_head, g: torch.Tensor) -> torch.Tensor:
+        """The module's training logits: over the whole vocabulary, or over the draft vocabulary's rows of W_out."""
+        if self.draft_ids is None:
+            return lm_head(g)
+        return F.linear(g, lm_head.weight[self.draft_ids.to(lm_head.weight.device)])
+
+    def _in_draft_vocab(self, target: torch.Tensor, mask):
+        """Corpus tokens as draft-vocabulary positions, and the mask without the tokens outside it."""
+        ids = self.draft_ids.to(target.device)
+        local = torch.full((int(max(ids.max(), target.max())) + 1,), -1, dtype=torch.long, device=target.device)
+        local[ids] = torch.arange(ids.numel(), device=target.device)
+        local = local[target]
+        inside = local >= 0
+        return local.clamp(min=0), inside if mask is None else inside & mask.bool()
+
     def __call__(self, spec, lm_logits, rec_logits: list, labels, loss_mask) -> LossOutput:
         """lm_logits [B, T, V/tp]; rec_logits[j-1] [B, T-j, V/tp], the depth-j states' logits (positions
         0 .. T-j-1); labels[i] = x_{i+1}. Under TP the cross-entropy works in place on fp32 logits, so every
@@ -93,9 +114,14 @@ class RecycleObjective:
         for j, logits in enumerate(rec_logits, 1):
             # depth j at position i targets labels[i + j] = x_{i+j+1}; the base predicts it at position i + j.
             target, mask = labels[:, j:], None if loss_mask is None else loss_mask[:, j:]
+            teacher = lm_logits[:, j:]
+            if self.draft_ids is not None:
+                teacher = teacher[..., self.draft_ids.to(teacher.device)]
+                if share < 1:
+                    target, mask = self._in_draft_vocab(target, mask)
             per_token = 0.0
             if share > 0:
-                per_token = share * spec.kl_to_teacher(logits, lm_logits[:, j:])
+                per_token = share * spec.kl_to_teacher(logits, teacher)
             if share < 1:
                 per_token = per_token + (1 - share) * spec.cross_entropy(logits, target)
             rec_losses.append(masked_mean(per_token, mask))

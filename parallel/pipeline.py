@@ -88,9 +88,9 @@ class HeadPipe(nn.Module):
     """LM head and recyclable module (RecycleGPT.forward after `hidden`)."""
 
     def __init__(self, cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False,
-                 depth: int = 1):
+                 objective: RecycleObjective = RecycleObjective()):
         super().__init__()
-        self.cfg, self.detach_base, self.depth = cfg, detach_base, depth
+        self.cfg, self.detach_base, self.objective = cfg, detach_base, objective
         self.lm_head = spec.lm_head(cfg.hidden_size, cfg.vocab_size)
         self.recycle = RecyclableModule(cfg, spec) if cfg.recycle_layers else None
         if self.recycle is not None:
@@ -102,19 +102,19 @@ class HeadPipe(nn.Module):
             return self.lm_head(h)
         h, _, next_embeds = inputs
         states = self.recycle.unroll(h.detach() if self.detach_base else h, next_embeds,
-                                     rotary_for(self.cfg, h.device), self.depth)
-        return (self.lm_head(h), *(self.lm_head(g) for g in states))
+                                     rotary_for(self.cfg, h.device), self.objective.depth)
+        return (self.lm_head(h), *(self.objective.module_logits(self.lm_head, g) for g in states))
 
 
 def layer_specs(cfg: ModelConfig, spec, detach_base: bool = False, activation_checkpointing: bool = False,
-                depth: int = 1):
+                objective: RecycleObjective = RecycleObjective()):
     specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, tied_weight_attr=["embedding.weight"])]
     specs += [LayerSpec(DecoderLayerPipe, cfg, spec, activation_checkpointing) for _ in range(cfg.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, cfg.hidden_size, cfg.norm_eps))
     if cfg.recycle_layers:
         specs.append(TiedLayerSpec("embed", EmbeddingPipe, cfg, spec, forward_fn=next_token_embeddings,
                                    tied_weight_attr=["embedding.weight"]))
-    specs.append(LayerSpec(HeadPipe, cfg, spec, detach_base, activation_checkpointing, depth))
+    specs.append(LayerSpec(HeadPipe, cfg, spec, detach_base, activation_checkpointing, objective))
     return specs
 
 
@@ -129,7 +129,7 @@ class RecyclePipe(PipelineModule):
         self._parts = stage_parts(cfg, topology.get_dim("pipe"))
         self._losses = None
         self.loss_sums, self.loss_count = None, 0
-        super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing, objective.depth),
+        super().__init__(layers=layer_specs(cfg, spec, detach_base, activation_checkpointing, objective),
                          topology=topology,
                          loss_fn=self._loss, partition_method="recycle", activation_checkpoint_interval=0)
         if seed is not None:

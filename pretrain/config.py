@@ -77,6 +77,8 @@ class RecycleSection:
     train_depth: int = 1             # the module unrolled on its own state this many times (multi-token drafts)
     depth_weights: list = field(default_factory=list)   # per-depth loss weights, train_depth of them; [] = all 1
     init: str = "random"             # a new module on an imported base: random | base_last_layers
+    draft_vocab: int = 0             # V' > 0: the module's loss over the V' most frequent training tokens only
+    base_bf16: bool = False          # with detach_base: the frozen base's forward in bf16 (autocast), e.g. on a CPU
 
     def objective(self):
         """The model's RecycleObjective (model/objective.py checks the values)."""
@@ -237,10 +239,10 @@ def validate(cfg: RunConfig):
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes is empty; list tokenized datasets, e.g. "
                           "data.prefixes='[data/sotu_text_document]' (make them with python -m data_prep.tokenize)")
-    validate_recycle(cfg.recycle, model_cfg, t.seq_length)
+    validate_recycle(cfg.recycle, model_cfg, t.seq_length, cfg.parallel.tp)
 
 
-def validate_recycle(r: RecycleSection, model_cfg, seq_length: int):
+def validate_recycle(r: RecycleSection, model_cfg, seq_length: int, tp: int = 1):
     if r.detach_base and model_cfg.recycle_layers == 0:
         raise ConfigError("recycle.detach_base=true needs a module: set model.recycle_layers >= 1")
     if model_cfg.recycle_layers == 0 and (r.train_depth != 1 or r.target != "tokens"):
@@ -253,6 +255,19 @@ def validate_recycle(r: RecycleSection, model_cfg, seq_length: int):
         raise ConfigError(str(e)) from None
     if r.init not in ("random", "base_last_layers"):
         raise ConfigError(f"recycle.init={r.init!r}; valid: random, base_last_layers")
+    if r.base_bf16 and not r.detach_base:
+        raise ConfigError("recycle.base_bf16=true runs a frozen base in bf16: set recycle.detach_base=true too "
+                          "(a base that trains follows train.precision)")
+    if isinstance(r.draft_vocab, bool) or not isinstance(r.draft_vocab, int) or \
+            not 0 <= r.draft_vocab <= model_cfg.vocab_size:
+        raise ConfigError(f"recycle.draft_vocab={r.draft_vocab!r} must be an int between 0 (the whole vocabulary) "
+                          f"and model.vocab_size={model_cfg.vocab_size}, e.g. 4096")
+    if r.draft_vocab and model_cfg.recycle_layers == 0:
+        raise ConfigError("recycle.draft_vocab needs a module: set model.recycle_layers >= 1")
+    if r.draft_vocab and tp > 1:
+        raise ConfigError(f"recycle.draft_vocab={r.draft_vocab} with parallel.tp={tp}: the LM head is split over "
+                          "the vocabulary, so its draft rows are not on one rank; train the module with "
+                          "parallel.tp=1 or recycle.draft_vocab=0")
     if r.train_depth + 1 > seq_length:
         raise ConfigError(f"recycle.train_depth={r.train_depth} needs train.seq_length >= {r.train_depth + 1} "
                           f"(got {seq_length})")

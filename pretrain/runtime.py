@@ -5,7 +5,9 @@ only turns the run config into those calls and gives the trainer one interface f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from parallel.dims import ParallelDims, check_detach_base
 from pretrain.config import RunConfig
 from pretrain.flops import throughput_row
 from pretrain.optim import make_optimizer, make_scheduler
+
+log = logging.getLogger("recyclegpt.train")
 
 
 def parallel_dims(cfg: RunConfig) -> ParallelDims:
@@ -123,6 +127,41 @@ def check_module_init(cfg: RunConfig):
                          "directory with python -m pretrain.import_hf --hf HF_DIR --output RUN_DIR")
 
 
+def training_objective(cfg: RunConfig, writes_files: bool):
+    """recycle.* as the model's RecycleObjective, with the run's draft vocabulary when recycle.draft_vocab > 0."""
+    objective = cfg.recycle.objective()
+    if not cfg.recycle.draft_vocab:
+        return objective
+    return dataclasses.replace(objective, draft_ids=run_draft_vocab(cfg, writes_files).token_ids)
+
+
+def run_draft_vocab(cfg: RunConfig, writes_files: bool):
+    """RUN_DIR/draft_vocab.safetensors: the recycle.draft_vocab most frequent tokens of the training shards,
+    counted once (every rank counts the same; rank 0 writes) and read back on resume, so a module keeps the
+    rows it was trained over. Decoding picks the file up from the run directory (inference/draft_vocab.py)."""
+    from data_prep.datasets import parse_blend
+    from data_prep.token_counts import count_tokens
+    from model.draft_vocab import FILE_NAME, DraftVocab
+
+    path, size = cfg.run_dir / FILE_NAME, cfg.recycle.draft_vocab
+    if path.is_file():
+        vocab = DraftVocab.load(path)
+        if len(vocab) != size:
+            raise ValueError(f"{path} holds {len(vocab)} tokens but recycle.draft_vocab={size}; a module trains "
+                             f"over one draft vocabulary: set recycle.draft_vocab={len(vocab)} or use a new run.dir")
+        return vocab
+    prefixes, _ = parse_blend(cfg.data.prefixes)
+    log.info("counting tokens of %s for a %d-token draft vocabulary", ", ".join(prefixes), size)
+    counts = count_tokens(prefixes, cfg.model.build().vocab_size)
+    vocab = DraftVocab.from_counts(counts, size)
+    if writes_files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vocab.save(path)
+    log.info("draft vocabulary: %d tokens cover %.1f %% of the training tokens", size,
+             100 * float(counts[vocab.token_ids].sum() / counts.sum().clamp(min=1)))
+    return vocab
+
+
 def build_runtime(cfg: RunConfig) -> Runtime:
     from parallel.engine import build_engine
     from parallel.setup import init_distributed, seed_everything
@@ -132,8 +171,9 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     seed_everything(cfg.seed, dims)
     model_cfg = cfg.model.build()
     engine, _ = build_engine(
-        model_cfg, dims, ds_config(cfg, dims), cfg.seed, objective=cfg.recycle.objective(),
-        detach_base=cfg.recycle.detach_base, activation_checkpointing=cfg.train.activation_checkpointing,
+        model_cfg, dims, ds_config(cfg, dims), cfg.seed, objective=training_objective(cfg, ctx.rank == 0),
+        detach_base=cfg.recycle.detach_base, base_bf16=cfg.recycle.base_bf16,
+        activation_checkpointing=cfg.train.activation_checkpointing,
         optimizer_factory=lambda module: make_optimizer(module, cfg.train),
         scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train),
         init_state=imported_weights(cfg))
