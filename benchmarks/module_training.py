@@ -1,6 +1,8 @@
 """Module-only training speed: a recyclable module trained on a frozen base (recycle.detach_base=true).
 
     python benchmarks/module_training.py --output module_tiny.json [--preset tiny] [--recycle-layers 1]
+    python benchmarks/module_training.py --like runs/smollm2-recycle --configs depth2_base,bf16_base,draft_vocab,recipe \
+        --threads 2 --output runs/bench/module_training_smollm2.json      # the real-model recipe's choices
 
 Configurations, each the trainer's step (pretrain.runtime.build_runtime, then Trainer.train_step's work),
 built in one process and timed in interleaved repeats like benchmarks/train_throughput.py (whose timing
@@ -12,6 +14,13 @@ functions this reuses; CPU: one thread and the process CPU-time clock):
   after          today's step: base under torch.no_grad(), module inputs without their last position
   target_base    after, with recycle.target=base (KL to the base's distribution at i+1)
   depth2         after, with recycle.train_depth=2 (the module unrolled once more on its own state)
+  depth2_base    target=base and train_depth=2: configs/smollm2-recycle.yaml's step before the two below
+  bf16_base      depth2_base with recycle.base_bf16 (the frozen base's forward under bf16 autocast)
+  draft_vocab    depth2_base with recycle.draft_vocab=--draft-vocab (the module's head and loss over V' tokens)
+  recipe         both: today's configs/smollm2-recycle.yaml step
+
+--like RUN_DIR takes the model shapes (not the weights: speed does not depend on them) from a run's config,
+e.g. the imported SmolLM2-135M, whose 49152-token head is where a draft vocabulary pays most.
 
 Reported per configuration: tokens/s (median and best repeat), the bytes autograd saves for the backward
 pass in one forward (torch.autograd.graph.saved_tensors_hooks), and the speed relative to `before`, paired
@@ -34,13 +43,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.train_throughput import make_batches, measure, train_section  # noqa: E402
 from model.config import PRESETS, preset  # noqa: E402
 
-CONFIGS = {"before": {}, "after": {}, "target_base": {"target": "base"}, "depth2": {"train_depth": 2}}
+DEPTH2_BASE = {"target": "base", "train_depth": 2}
+CONFIGS = {"before": {}, "after": {}, "target_base": {"target": "base"}, "depth2": {"train_depth": 2},
+           "depth2_base": DEPTH2_BASE, "bf16_base": {**DEPTH2_BASE, "base_bf16": True},
+           "draft_vocab": {**DEPTH2_BASE, "draft_vocab": True}, "recipe": {**DEPTH2_BASE, "base_bf16": True,
+                                                                              "draft_vocab": True}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--recycle-layers", type=int, default=1)
+    p.add_argument("--like", metavar="RUN_DIR", help="the model shapes of this run's config.yaml instead of --preset")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="V' of the draft_vocab and recipe configs")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
@@ -73,13 +88,30 @@ def legacy_forward(self, input_ids, labels, loss_mask=None):
     return LossOutput(lm_loss + self.objective.weight * rec_loss, lm_loss, rec_loss)
 
 
+def model_section(args):
+    from pretrain.config import ModelSection, load_config
+
+    if args.like:
+        section = load_config(str(Path(args.like) / "config.yaml")).model
+        overrides = {**section.overrides, "recycle_layers": args.recycle_layers}
+        return ModelSection(section.preset, overrides)
+    overrides = {"recycle_layers": args.recycle_layers, "max_seq_len": max(args.seq_len, preset(args.preset).max_seq_len)}
+    return ModelSection(args.preset, overrides)
+
+
 def build(name: str, args, run_dir: str):
-    from pretrain.config import ModelSection, RecycleSection, RunConfig, RunSection
+    from pretrain.config import RecycleSection, RunConfig, RunSection
     from pretrain.runtime import build_runtime
 
-    overrides = {"recycle_layers": args.recycle_layers, "max_seq_len": max(args.seq_len, preset(args.preset).max_seq_len)}
-    cfg = RunConfig(model=ModelSection(args.preset, overrides), train=train_section(args), run=RunSection(run_dir),
-                    recycle=RecycleSection(detach_base=True, **CONFIGS[name]), seed=args.seed)
+    from model.draft_vocab import FILE_NAME, DraftVocab
+
+    recycle = dict(CONFIGS[name])
+    if recycle.get("draft_vocab"):
+        # The V' ids only pick rows; which ones does not change the cost. Written where the trainer looks for them.
+        recycle["draft_vocab"] = args.draft_vocab
+        DraftVocab(torch.arange(args.draft_vocab)).save(Path(run_dir) / FILE_NAME)
+    cfg = RunConfig(model=model_section(args), train=train_section(args), run=RunSection(run_dir),
+                    recycle=RecycleSection(detach_base=True, **recycle), seed=args.seed)
     rt = build_runtime(cfg)
     rt.engine.train()
     model = rt.engine.module
@@ -110,14 +142,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from parallel.setup import destroy
 
-    cfg = preset(args.preset, recycle_layers=args.recycle_layers)
+    cfg = model_section(args).build()
     batches = make_batches(cfg, args, "cpu")
     steps, saved = {}, {}
     with tempfile.TemporaryDirectory() as run_dir:
         for name in args.configs:
             steps[name], model = build(name, args, run_dir)
             saved[name] = saved_bytes(model, batches[0])
-    print(f"{args.preset} + {args.recycle_layers}-layer module, frozen base, seq {args.seq_len} x {args.micro_batch}, "
+    print(f"{args.like or args.preset} + {args.recycle_layers}-layer module, frozen base, seq {args.seq_len} x {args.micro_batch}, "
           f"{args.threads} thread(s), {args.clock} clock", flush=True)
     times = measure(steps, batches, args)[args.clock]
     tokens = args.micro_batch * args.seq_len

@@ -9,6 +9,11 @@ The mapping is one safetensors file (`draft_vocab.safetensors`, tensor `token_id
 kept next to the model. Compute it from tokenized shards (data_prep.tokenize's `.bin/.idx` prefixes):
 
     python -m inference.draft_vocab --data data/sotu --size 4096 --output RUN_DIR/draft_vocab.safetensors
+
+A module trained with `recycle.draft_vocab: V'` (pretrain/runtime.py writes the file into its run directory)
+learned logits over those V' tokens only, so inference.generate / benchmark / evaluate and the lm-eval model
+draft over MODEL_DIR/draft_vocab.safetensors whenever the model directory has one (`--draft-vocab none`: the
+whole vocabulary; inference/cli.py `resolve_draft_vocab`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How good is the module on held-out text, and what does the lossy mode cost? (docs/real-model.md)
 
     python -m inference.evaluate --model DIR --input FILE_OR_PREFIX... --output FILE.json \
-        [--prompts N] [--prompt-len P] [--new-tokens T] [--tokens N] [--window W]
+        [--prompts N] [--prompt-len P] [--new-tokens T] [--tokens N] [--window W] [--draft-vocab FILE|none]
 
 --input: raw text in any format `data_prep.tokenize` reads (tokenized here with the model's tokenizer), or a
 tokenized PREFIX (PREFIX.bin + PREFIX.idx from data_prep.tokenize, same tokenizer as the model).
@@ -16,7 +16,9 @@ Decoded, on --prompts prompts of --prompt-len tokens drawn from the text, --new-
     tau_measured        verify's new tokens / full forwards (prefill included), over all prompts
     recycle_nll_gap     the full model's mean NLL of `recycle` continuations minus that of `standard` ones
     recycle_agreement   fraction of positions where the recycle continuation equals the standard one
-and tokens/s per mode. Writes FILE.json and FILE.png (accuracy by position, tau per prompt).
+and tokens/s per mode. The module's token is its top-1 over the draft vocabulary that decoding uses (the model
+directory's own draft_vocab.safetensors unless --draft-vocab says otherwise; `draft_vocab_size` in the JSON,
+0 = the whole vocabulary). Writes FILE.json and FILE.png (accuracy by position, tau per prompt).
 """
 from __future__ import annotations
 

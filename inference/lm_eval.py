@@ -7,12 +7,14 @@ This is lm-eval's own command line; importing this file registers the model firs
 HF_DIR, as for inference.generate. `generate_until` requests decode through the chosen mode (greedy), so
 the lossy `recycle` mode's cost shows on real benchmarks; `loglikelihood` requests score with the full
 model (the module plays no part in a likelihood). Extra model_args: dtype=fp32|bf16, device=cpu|cuda,
-draft_len=K (verify), max_length=N (context; default the model's).
+draft_len=K (verify), max_length=N (context; default the model's), draft_vocab=FILE|none (the module's token
+over a draft vocabulary in recycle and verify; default: DIR/draft_vocab.safetensors if there is one).
 Needs the optional extra: pip install -e ".[eval]".
 """
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +23,17 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from inference.decoding import MODES, greedy_generate
+from inference.cli import resolve_draft_vocab
+from inference.decoding import MODES, generate
+from inference.draft_vocab import load_draft_vocab
 from inference.loading import ModelLoadError, load_model_dir, parse_dtype
 
 
 @register_model("recyclegpt")
 class RecycleGPTLM(TemplateLM):
     def __init__(self, pretrained: str, mode: str = "standard", dtype: str = "fp32", device: str = "cpu",
-                 draft_len: int = 1, max_length: int | None = None, batch_size=1, **unused):
+                 draft_len: int = 1, max_length: int | None = None, batch_size=1, draft_vocab: str | None = None,
+                 **unused):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; valid: {', '.join(MODES)}")
@@ -38,6 +43,9 @@ class RecycleGPTLM(TemplateLM):
         if mode != "standard" and self.model.recycle is None:
             raise ValueError(f"mode={mode} needs a recyclable module, but {pretrained} has none; use mode=standard")
         self.mode, self.draft_len = mode, int(draft_len)
+        where = SimpleNamespace(model=pretrained, draft_vocab=draft_vocab)
+        resolve_draft_vocab(where)
+        self.draft_vocab = load_draft_vocab(where, self.model)
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
         self._device = torch.device(device)
 
@@ -91,7 +99,8 @@ class RecycleGPTLM(TemplateLM):
             # Leave room for verify's drafts past the last token (inference.decoding's own budget).
             room = self.max_length - max_new - self.draft_len - 2
             prompt = self.tok_encode(context)[-max(room, 1):]
-            gen = greedy_generate(self.model, prompt, self.mode, max_new, self.eot_token_id, draft_len=self.draft_len)
+            gen = generate(self.model, prompt, self.mode, max_new, self.eot_token_id, draft_len=self.draft_len,
+                           draft_vocab=self.draft_vocab)
             text = self.tok_decode([t for t in gen.tokens if t != self.eot_token_id])
             for stop in until:
                 if stop and stop in text:

@@ -143,13 +143,10 @@ def run_draft_vocab(cfg: RunConfig, writes_files: bool):
     from data_prep.token_counts import count_tokens
     from model.draft_vocab import FILE_NAME, DraftVocab
 
-    path, size = cfg.run_dir / FILE_NAME, cfg.recycle.draft_vocab
-    if path.is_file():
-        vocab = DraftVocab.load(path)
-        if len(vocab) != size:
-            raise ValueError(f"{path} holds {len(vocab)} tokens but recycle.draft_vocab={size}; a module trains "
-                             f"over one draft vocabulary: set recycle.draft_vocab={len(vocab)} or use a new run.dir")
+    vocab = saved_draft_vocab(cfg)
+    if vocab is not None:
         return vocab
+    path, size = cfg.run_dir / FILE_NAME, cfg.recycle.draft_vocab
     prefixes, _ = parse_blend(cfg.data.prefixes)
     log.info("counting tokens of %s for a %d-token draft vocabulary", ", ".join(prefixes), size)
     counts = count_tokens(prefixes, cfg.model.build().vocab_size)
@@ -159,6 +156,21 @@ def run_draft_vocab(cfg: RunConfig, writes_files: bool):
         vocab.save(path)
     log.info("draft vocabulary: %d tokens cover %.1f %% of the training tokens", size,
              100 * float(counts[vocab.token_ids].sum() / counts.sum().clamp(min=1)))
+    return vocab
+
+
+def saved_draft_vocab(cfg: RunConfig):
+    """The run directory's draft vocabulary when recycle.draft_vocab asks for one and it exists (checked by
+    pretrain.train before any process group starts: a module trains over one draft vocabulary)."""
+    from model.draft_vocab import FILE_NAME, DraftVocab
+
+    path, size = cfg.run_dir / FILE_NAME, cfg.recycle.draft_vocab
+    if not size or not path.is_file():
+        return None
+    vocab = DraftVocab.load(path)
+    if len(vocab) != size:
+        raise ValueError(f"{path} holds {len(vocab)} tokens but recycle.draft_vocab={size}; a module trains over "
+                         f"one draft vocabulary: set recycle.draft_vocab={len(vocab)} or use a new run.dir")
     return vocab
 
 

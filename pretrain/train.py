@@ -32,8 +32,9 @@ def check_inputs(cfg: RunConfig):
     if vocab > model_vocab:
         raise ConfigError(f"data.tokenizer has {vocab} tokens but model.vocab_size={model_vocab}; "
                           f"set model.vocab_size={-(-vocab // 64) * 64} or use a smaller tokenizer")
-    from pretrain.runtime import validate_parallel
+    from pretrain.runtime import saved_draft_vocab, validate_parallel
     validate_parallel(cfg)
+    saved_draft_vocab(cfg)
 
 
 def setup_logging(rank: int):

@@ -30,7 +30,7 @@ def batch(length=9, seed=1):
 
 
 @torch.no_grad()
-def reference_depth_losses(model, ids, mask, depth, share):
+def reference_depth_losses(model, ids, mask, depth, share, draft_ids=None):
     """Per depth j, position by position from prefixes only, as a decoder drafting j tokens sees them:
     h_i from x_0..x_i; the module's depth-1 states over positions 0..i; depth j+1 from the depth-j states
     and E[x_{i+j+1}] (draft_step); target x_{i+j+1} and the base's distribution at position i+j."""
@@ -43,12 +43,18 @@ def reference_depth_losses(model, ids, mask, depth, share):
             state = model.draft_step(prefix_h[i + 1], ids[:, 1:i + 2])
             for d in range(2, j + 1):
                 state = model.draft_step(state, ids[:, d:i + d + 1])
-            log_q = F.log_softmax(model.logits(state[:, -1]), -1)
+            q_logits = model.logits(state[:, -1])
             teacher = model.logits(prefix_h[i + j + 1][:, -1])     # the base at position i + j
-            log_p = F.log_softmax(teacher, -1)
+            target, m = ids[:, i + j + 1], mask[:, i + j]
+            if draft_ids is not None:     # both distributions over the draft tokens only, renormalised there
+                q_logits, teacher = q_logits[:, draft_ids], teacher[:, draft_ids]
+                where = {t: n for n, t in enumerate(draft_ids.tolist())}
+                if share < 1:             # a corpus token the module cannot draft is no target
+                    m = m * torch.tensor([float(t in where) for t in target.tolist()])
+                target = torch.tensor([where.get(t, 0) for t in target.tolist()])
+            log_q, log_p = F.log_softmax(q_logits, -1), F.log_softmax(teacher, -1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-            ce = -log_q.gather(-1, ids[:, i + j + 1:i + j + 2]).squeeze(-1)
-            m = mask[:, i + j]
+            ce = -log_q.gather(-1, target[:, None]).squeeze(-1)
             num = num + ((share * kl + (1 - share) * ce) * m).sum()
             den = den + m.sum()
         out.append(num / den)
@@ -68,6 +74,45 @@ def test_each_depth_and_target_equals_a_prefix_by_prefix_reference(target, share
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=f"depth {j}")
     torch.testing.assert_close(out.loss, out.lm_loss + 0.7 * (got[0] + 0.5 * got[1] + 0.25 * got[2]))
     assert set(out.named()) == {"loss", "lm_loss", "recycle_loss", "recycle_loss_d2", "recycle_loss_d3"}
+
+
+@pytest.mark.parametrize("target, share", [("tokens", 0.0), ("base", 1.0), ("mix", 0.3)])
+def test_a_draft_vocabulary_restricts_both_distributions_and_the_corpus_targets(target, share):
+    """recycle.draft_vocab: the module's logits are W_out's draft rows only (its head costs V'/V), the teacher
+    is renormalised over them, corpus tokens outside them are no target; checked against the reference."""
+    draft_ids = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(3))[:40]
+    objective = RecycleObjective(target=target, mix=0.3, depth=2, draft_ids=draft_ids)
+    model = make_model(objective)
+    ids, mask = batch()
+    assert not set(ids[:, 2:].flatten().tolist()) <= set(draft_ids.tolist())   # some targets lie outside
+    widths = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: widths.append(out.shape[-1]))
+    with torch.no_grad():
+        out = model(ids[:, :-1], ids[:, 1:], mask)
+        assert widths == [CFG.vocab_size]              # the module's logits do not go through the full head
+        logits = objective.module_logits(model.lm_head, torch.randn(3, CFG.hidden_size))
+    assert logits.shape == (3, 40)
+    want = reference_depth_losses(model, ids, mask, 2, share, draft_ids)
+    for j, (a, b) in enumerate(zip([out.recycle_loss, *out.deeper_losses], want), 1):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=f"depth {j}")
+
+
+def test_a_bf16_frozen_base_runs_its_forward_in_bf16_and_the_module_in_fp32():
+    """recycle.base_bf16: the frozen base (a teacher) runs under bf16 autocast, the module trains in fp32 on
+    its states, and the losses stay within bf16 rounding of the fp32 ones."""
+    model = make_model(RecycleObjective(target="base", depth=2)).train()
+    model.freeze_base()
+    ids, mask = batch()
+    fp32 = model(ids[:, :-1], ids[:, 1:], mask)
+    dtypes = {}
+    model.layers[0].mlp.register_forward_hook(lambda mod, args, out: dtypes.update(base=out.dtype))
+    model.recycle.layers[0].mlp.register_forward_hook(lambda mod, args, out: dtypes.update(module=out.dtype))
+    model.freeze_base(bf16=True)
+    bf16 = model(ids[:, :-1], ids[:, 1:], mask)
+    assert dtypes == {"base": torch.bfloat16, "module": torch.float32}
+    assert bf16.recycle_loss.dtype == torch.float32 and bf16.recycle_loss.grad_fn is not None
+    torch.testing.assert_close(bf16.recycle_loss, fp32.recycle_loss, rtol=0.05, atol=0.02)
+    assert not torch.equal(bf16.lm_loss, fp32.lm_loss)
 
 
 def test_base_target_teaches_toward_the_base_not_the_base_toward_the_module():
@@ -137,10 +182,14 @@ def test_bad_objective_values_name_the_key(kwargs, message):
     ("recycle.init=copy", "recycle.init='copy'; valid: random, base_last_layers"),
     ("recycle.target=logits", "recycle.target='logits'; valid: tokens, base, mix"),
     ("recycle.depth_weights=[a, b]", "must be a list of numbers"),
+    ("recycle.draft_vocab=100000", "recycle.draft_vocab=100000 must be an int between 0 (the whole vocabulary) and "
+                                   "model.vocab_size=8192"),
+    ("recycle.base_bf16=true", "recycle.base_bf16=true runs a frozen base in bf16: set recycle.detach_base=true"),
+    (("parallel.tp=2", "recycle.draft_vocab=512"), "recycle.draft_vocab=512 with parallel.tp=2: the LM head is split"),
 ])
 def test_config_keys_are_checked_with_one_line_errors(override, message):
     from pretrain.config import ConfigError, load_config
-    overrides = ["data.prefixes=[x]", "recycle.train_depth=2", override]
+    overrides = ["data.prefixes=[x]", "recycle.train_depth=2", *([override] if isinstance(override, str) else override)]
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", overrides)
     assert message in str(err.value) and "\n" not in str(err.value)

@@ -159,3 +159,36 @@ def test_draft_depth_run_logs_every_depth_and_resumes_to_identical_metrics(tmp_p
     full = strip(tmp_path / "full")
     assert all(isinstance(r["recycle_loss_d2"], float) for r in full) and any(r["split"] == "valid" for r in full)
     assert strip(tmp_path / "split") == full
+
+
+@pytest.mark.slow
+def test_a_draft_vocabulary_run_counts_its_shards_once_and_keeps_them(tmp_path, sotu_prefix):
+    """recycle.draft_vocab with a frozen bf16 base: RUN_DIR/draft_vocab.safetensors holds the training shards'
+    most frequent tokens, a resume trains over the same file, a different size is one error line, and
+    decoding drafts over it by default (inference.generate names the file; --draft-vocab none does not)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from model.draft_vocab import DraftVocab
+
+    extra = ["recycle.draft_vocab=64", "recycle.detach_base=true", "recycle.base_bf16=true", "recycle.target=base",
+             "recycle.train_depth=2"]
+    train(tmp_path, sotu_prefix, "train.steps=2", *extra)
+    saved = DraftVocab.load(tmp_path / "draft_vocab.safetensors").token_ids
+    data = IndexedDataset(sotu_prefix)
+    counts = np.bincount(np.concatenate([np.asarray(data[i]) for i in range(len(data))]))
+    assert len(saved) == 64 and counts[saved.numpy()].min() >= np.sort(counts)[-64]
+    rows_before = rows(tmp_path)
+    assert all(np.isfinite(r["recycle_loss_d2"]) for r in rows_before)
+    (tmp_path / "draft_vocab.safetensors").chmod(0o444)      # a resume reads it back, never rewrites it
+    train(tmp_path, sotu_prefix, "train.steps=3", *extra)
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+    proc = train(tmp_path, sotu_prefix, "train.steps=4", *extra[1:], "recycle.draft_vocab=32", check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "holds 64 tokens but recycle.draft_vocab=32" in err[0], proc.stderr
+    prompt = ["--model", str(tmp_path), "--prompt", "The Congress", "--max-new-tokens", "6", "--mode", "verify"]
+    own = cli("-m", "inference.generate", *prompt)
+    assert "drafting over " + str(tmp_path / "draft_vocab.safetensors") in own.stderr
+    whole = cli("-m", "inference.generate", *prompt, "--draft-vocab", "none")
+    assert "drafting over" not in whole.stderr and whole.stdout == own.stdout   # lossless either way
+
