@@ -180,8 +180,10 @@ def test_a_draft_vocabulary_run_counts_its_shards_once_and_keeps_them(tmp_path, 
     assert len(saved) == 64 and counts[saved.numpy()].min() >= np.sort(counts)[-64]
     rows_before = rows(tmp_path)
     assert all(np.isfinite(r["recycle_loss_d2"]) for r in rows_before)
-    (tmp_path / "draft_vocab.safetensors").chmod(0o444)      # a resume reads it back, never rewrites it
+    written = (tmp_path / "draft_vocab.safetensors").stat()
     train(tmp_path, sotu_prefix, "train.steps=3", *extra)
+    again = (tmp_path / "draft_vocab.safetensors").stat()     # a resume reads it back, never rewrites it
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
     proc = train(tmp_path, sotu_prefix, "train.steps=4", *extra[1:], "recycle.draft_vocab=32", check=False)
     err = proc.stderr.strip().splitlines()
