@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.benchmark import entries, make_prompts, parse_modes  # noqa: E402
 from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args,  # noqa: E402
-                           check_model_args, model_from_args, parse_draft_len, run_main)
+                           check_model_args, model_from_args, parse_draft_len, resolve_draft_vocab, run_main)
 
 LAYOUTS = ("row", "column")
 
@@ -154,8 +154,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if args.temperature != 0.0:
         raise UsageError("greedy only (the check is identical output of both layouts); drop --temperature")
-    if args.draft_vocab and not Path(args.draft_vocab).is_file():
-        raise UsageError(f"--draft-vocab {args.draft_vocab}: no such file")
+    resolve_draft_vocab(args)                # a file, the model's own by default, or none
     if args.prompt_corpus and not Path(args.prompt_corpus).is_file():
         raise UsageError(f"--prompt-corpus {args.prompt_corpus}: no such file")
     out = Path(args.output)

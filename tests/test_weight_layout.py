@@ -7,7 +7,7 @@ import torch
 
 from inference import weight_layout
 from inference.decoding import generate_batch
-from inference.draft_vocab import DraftVocab
+from model.draft_vocab import DraftVocab
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
