@@ -12,7 +12,7 @@ So `auto` is `column` for fp32 on a CPU and `row` everywhere else (CUDA, bf16/fp
 Applied once, after loading (inference/cli.py `model_from_args`), to every Linear of the model: the decoder
 layers, the recyclable module and the LM head, plain or tensor-parallel. Embeddings stay row-major (they are
 read by row). Training never sees it. The draft vocabulary's copy of the LM head rows follows the head's
-layout (`like`).
+layout (model/strides.py `like`, the storage rule itself).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import sys
 
 import torch
 from torch import nn
+
+from model.strides import is_column_major, restride
 
 LAYOUTS = ("auto", "row", "column")
 COLUMN_BY_DEFAULT = {("cpu", torch.float32)}       # (device type, dtype) where `auto` means column
@@ -51,22 +53,6 @@ def linear_weights(model: nn.Module) -> list[nn.Parameter]:
             seen.add(id(module.weight))
             out.append(module.weight)
     return out
-
-
-def restride(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same 2-D tensor stored row-major ('row') or column-major ('column')."""
-    if layout == "column":
-        return tensor.t().contiguous().t()
-    return tensor.contiguous()
-
-
-def is_column_major(tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 2 and tensor.stride(0) == 1 and tensor.shape[0] > 1
-
-
-def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """`tensor` stored in `reference`'s layout (the draft vocabulary's rows of a column-major LM head)."""
-    return restride(tensor, "column" if is_column_major(reference) else "row")
 
 
 def layout_of(model: nn.Module) -> str:

@@ -1,15 +1,17 @@
 """The draft vocabulary: the V' token ids the module's head is restricted to (most frequent first).
 
 One safetensors file (`draft_vocab.safetensors`, tensor `token_ids`) next to the model. Training can restrict the
-module's loss to it (`recycle.draft_vocab: V'`, pretrain/draft_vocab_file.py writes it into the run directory),
-and decoding drafts over it (inference/draft_vocab.py: `--draft-vocab`, the CLI that computes one). Why it exists
-and what it costs: inference/draft_vocab.py.
+module's loss to it (`recycle.draft_vocab: V'`; pretrain/runtime.py `run_draft_vocab` writes it into the run
+directory), and decoding drafts over it (inference/draft_vocab.py: `--draft-vocab`, the CLI that computes one).
+Why it exists and what it costs: inference/draft_vocab.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from model.strides import like
 
 FILE_NAME = "draft_vocab.safetensors"
 
@@ -39,7 +41,6 @@ class DraftVocab:
         weight = model.lm_head.weight
         key = (weight.data_ptr(), weight.dtype, weight.device)
         if key not in self._weights:    # the V' rows of W_out, copied once per model, in W_out's layout
-            from inference.weight_layout import like   # decoding's weight layout (column-major on a CPU)
             self._weights = {key: like(weight.detach()[self.token_ids], weight)}
         return torch.nn.functional.linear(states, self._weights[key])
 

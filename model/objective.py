@@ -14,8 +14,8 @@ as a token mean over the positions whose target token is not masked. With a draf
 (recycle.draft_vocab: the V' most frequent training tokens, model/draft_vocab.py) the module's logits are
 W_out's V' rows only, the teacher is the base's distribution renormalised over those V' tokens, and a corpus
 token outside them is masked out of the CE: the module learns exactly the choice it drafts over, for a head
-V/V' times cheaper (the module's LM head is most of its training cost on a small model). Depth 1 (the default) is the paper's
-module: L_rec^(1) is logged as `recycle_loss`, deeper ones as `recycle_loss_d2`, `recycle_loss_d3`, ...
+V/V' times cheaper (the module's LM head is most of its training cost on a small model). Depth 1 (the default)
+is the paper's module: L_rec^(1) is logged as `recycle_loss`, deeper ones as `recycle_loss_d2`, `recycle_loss_d3`, ...
 """
 from __future__ import annotations
 

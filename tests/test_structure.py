@@ -1,5 +1,6 @@
 """Structure rules of DESIGN.md §8 that a test can hold: no import circles among the project's packages
-(function-local imports included, which is how a circle hides), and files readable whole."""
+(function-local imports included, which is how a circle hides), packages import only the layers below them,
+and files readable whole."""
 import ast
 from pathlib import Path
 
@@ -45,6 +46,27 @@ def test_no_import_circles(package):
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+# What each package may import (function-local imports included): the model and the data tools at the bottom,
+# training above them, decoding above training, job submission on top. Decoding-only code (inference/) must
+# never become a dependency of a trainer or of the model definition.
+LAYERS = {
+    "data_prep": set(),
+    "model": set(),
+    "parallel": {"model"},
+    "pretrain": {"data_prep", "model", "parallel"},
+    "inference": {"data_prep", "model", "parallel", "pretrain"},
+    "slurm": {"data_prep", "model", "parallel", "pretrain", "inference"},
+}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_packages_import_only_layers_below(package):
+    wrong = sorted((str(path.relative_to(ROOT)), module) for path in (ROOT / package).rglob("*.py")
+                   for module in imports_of(path)
+                   if (top := module.split(".")[0]) in LAYERS and top != package and top not in LAYERS[package])
+    assert not wrong, wrong
 
 
 def test_parallel_files_are_readable_whole():
