@@ -73,6 +73,21 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(reports: list[dict]) -> str:
+    """The step costs each configuration measured (what its `predicted` column and `--draft-len auto` use)."""
+    ms = sorted({int(m) for rep in reports for m in rep["step_costs"]["cost_ratio"] if int(m) > 1})
+    lines = ["| T | batch | c(1) | " + " | ".join(f"c({m})/c(1)" for m in ms) + " | f (draft vocab) | recycle bound |",
+             "|---|---|---|" + "---|" * len(ms) + "---|---|"]
+    for rep in reports:
+        c = rep["step_costs"]
+        ratios = {int(m): v for m, v in c["cost_ratio"].items()}
+        f = f"{c['f']:.2f}" + (f" ({c['f_dv']:.2f})" if "f_dv" in c else "") if "f" in c else "-"
+        bound = f"{c['recycle_bound']:.2f}x" if "recycle_bound" in c else "-"
+        lines.append(f"| {rep['temperature']} | {rep['batch_size']} | {1e3 * c['full_1_s']:.1f} ms | "
+                     + " | ".join(f"{ratios[m]:.2f}" if m in ratios else "-" for m in ms) + f" | {f} | {bound} |")
+    return "\n".join(lines)
+
+
 def plot(reports: list[dict], path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -98,7 +113,8 @@ def plot(reports: list[dict], path: Path):
         bottom.set_ylabel("tau (tokens per full forward)")
         bottom.set_xlabel("draft length k")
         top.legend(fontsize=7)
-    fig.suptitle(f"{reports[0]['model']}: {reports[0]['device']} {reports[0]['dtype']}, 1 thread, "
+    fig.suptitle(f"{reports[0]['model']}: {reports[0]['device']} {reports[0]['dtype']} "
+                 f"({reports[0].get('weight_layout', 'row')}-major weights), 1 thread, "
                  f"prompts from {Path(reports[0]['prompt_source']).name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -127,7 +143,7 @@ def main(argv=None) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"runs": reports}, indent=2) + "\n")
     tmp.replace(out)
-    md = table(reports)
+    md = table(reports) + "\n\nStep costs:\n\n" + cost_table(reports)
     out.with_suffix(".md").write_text(md + "\n")
     plot(reports, out.with_suffix(".png"))
     print(md)
