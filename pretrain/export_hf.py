@@ -8,6 +8,8 @@ Consolidates one checkpoint tag (default: `latest`) on one process and writes a 
     recycle_module.safetensors   the recyclable module (keys recycle.*)
     config.json                  LlamaConfig + recycle_layers + auto_map -> RecycleGPTForCausalLM
     generation_config.json, tokenizer files
+    draft_vocab.safetensors      the run's draft vocabulary when it has one (recycle.draft_vocab): our decoding
+                                 drafts over it by default, and import_hf carries it back; vLLM ignores it
     modeling_recyclegpt.py + decoding.py, drafting.py, rows.py, sampling.py, draft_policy.py, step_costs.py,
     kv_cache.py                  the remote code: the HF model adapter and our own decode loop beside it
                                  (pretrain/remote_code.py finds the loop's files and rewrites their imports)
@@ -151,6 +153,9 @@ def export(run_dir: Path, output: Path, tag: str | None = None, dtype: str = "fp
     tmp.mkdir()
     try:
         write_hf_dir(tmp, cfg, state, dtype, run_dir / "tokenizer", output if vllm else None, draft_tokens)
+        from model.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
+        if (run_dir / DRAFT_VOCAB_FILE).is_file():     # the module learned only these tokens' logits
+            shutil.copy2(run_dir / DRAFT_VOCAB_FILE, tmp / DRAFT_VOCAB_FILE)
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

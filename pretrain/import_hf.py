@@ -6,6 +6,8 @@ Turns a Hugging Face Llama folder (our export, or a plain Llama without a module
                                      section replaced by the HF shapes, data.tokenizer -> RUN_DIR/tokenizer
     RUN_DIR/tokenizer/               the HF folder's tokenizer files
     RUN_DIR/init/model.safetensors   the full one-device state dict (our key names, fp32)
+    RUN_DIR/draft_vocab.safetensors  an export's draft vocabulary, with its module (recycle.draft_vocab set to
+                                     its size, so further training keeps the rows the module learned)
 
 A plain Llama gets a freshly initialised module (`torch.manual_seed(seed); RecycleGPT(cfg)`, exactly the
 trainer's own initialisation) with model.recycle_layers from --config; training only the module on top of it
@@ -32,6 +34,20 @@ class ImportError_(Exception):
     """Bad input to the importer; shown as one line."""
 
 
+def exported_draft_vocab(hf_dir: Path, vocab_size: int):
+    """The draft vocabulary an export carries beside its module (pretrain.export_hf), checked, or None."""
+    from model.draft_vocab import FILE_NAME, DraftVocab
+
+    if not (hf_dir / FILE_NAME).is_file():
+        return None
+    try:
+        vocab = DraftVocab.load(hf_dir / FILE_NAME)
+        vocab.check(vocab_size)
+    except ValueError as err:
+        raise ImportError_(str(err)) from None
+    return vocab
+
+
 def model_section(cfg) -> dict:
     """{preset, overrides} reproducing `cfg`: the closest preset plus the fields that differ."""
     from model.config import PRESETS
@@ -47,6 +63,7 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
     from safetensors.torch import save_file
 
     from model import RecycleGPT
+    from model.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
     from pretrain.config import ConfigError, RunConfig, _build, load_config, save_config, validate
     from pretrain.hf_convert import from_hf
     from pretrain.hf_dir import ModelLoadError, read_hf_dir
@@ -71,6 +88,9 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
     fresh_module = bool(missing)
     module_init = run_cfg.recycle.init if fresh_module else None
     tree = run_cfg.to_dict()
+    draft_vocab = None if fresh_module else exported_draft_vocab(hf_dir, cfg.vocab_size)
+    if draft_vocab is not None:
+        tree["recycle"]["draft_vocab"] = len(draft_vocab)
     tree["model"] = model_section(cfg)
     tree["run"]["dir"] = str(output)
     tree["data"]["tokenizer"] = str(output / "tokenizer")
@@ -98,12 +118,17 @@ def import_hf(hf_dir: Path, output: Path, config: str | None = None, overrides=(
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / "tokenizer" / name)
         save_config(run_cfg, tmp / "config.yaml")
+        if draft_vocab is not None:
+            draft_vocab.save(tmp / DRAFT_VOCAB_FILE)
         (tmp / "init" / "source.json").write_text(json.dumps({"hf_dir": str(hf_dir), "fresh_module": fresh_module,
                                                                    "module_init": module_init}))
         from pretrain.export_hf import replace_dir
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if draft_vocab is not None:
+        print(f"{hf_dir} drafts over a {len(draft_vocab)}-token draft vocabulary: copied to {output}, "
+              f"recycle.draft_vocab={len(draft_vocab)}")
     if fresh_module:
         how = "from the base's last layers" if module_init == "base_last_layers" else f"at random (seed {run_cfg.seed})"
         print(f"{hf_dir} has no recyclable module: initialised a fresh {cfg.recycle_layers}-layer module {how}; "

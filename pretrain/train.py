@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,16 +61,22 @@ def main(argv=None) -> int:
     StopRequested.install()   # before the slow start-up, so an early SLURM warning is honoured at step 1
     from pretrain.runtime import build_runtime
 
-    from parallel.setup import RendezvousError
+    from parallel.setup import RendezvousError, launcher_env
+    # Before the start-up, whose own lines (the draft vocabulary's count) would otherwise be dropped; the rank
+    # comes from the launcher's environment, as build_runtime reads it.
+    setup_logging(int({**os.environ, **launcher_env()}["RANK"]))
     try:
         runtime = build_runtime(cfg)
     except RendezvousError as e:   # the ranks cannot meet: one line and exit 1, not a 30-minute hang
         print(f"error: {e}", file=sys.stderr)
         return 1
-    setup_logging(runtime.rank)
+    shapes = cfg.model.build()      # the preset's name alone hides an imported model's own shapes
     logging.getLogger("recyclegpt.train").info(
-        "run %s: %s, world %d (tp %d, pp %d, dp %d), zero %d, %s", cfg.run.dir, cfg.model.preset,
-        runtime.world_size, cfg.parallel.tp, cfg.parallel.pp, runtime.dp_size, cfg.parallel.zero_stage,
+        "run %s: %s%s (%d layers, hidden %d, vocab %d, %d-layer module; %.1fM + %.1fM parameters), "
+        "world %d (tp %d, pp %d, dp %d), zero %d, %s", cfg.run.dir, cfg.model.preset,
+        " with overrides" if cfg.model.overrides else "", shapes.num_layers, shapes.hidden_size,
+        shapes.vocab_size, shapes.recycle_layers, shapes.num_parameters()["base"] / 1e6,
+        shapes.num_parameters()["recycle"] / 1e6, runtime.world_size, cfg.parallel.tp, cfg.parallel.pp, runtime.dp_size, cfg.parallel.zero_stage,
         "bf16" if runtime.bf16 else "fp32")
     try:
         outcome = Trainer(cfg, runtime).fit()

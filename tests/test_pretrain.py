@@ -167,13 +167,15 @@ def test_a_draft_vocabulary_run_counts_its_shards_once_and_keeps_them(tmp_path, 
     most frequent tokens, a resume trains over the same file, a different size is one error line, and
     decoding drafts over it by default (inference.generate names the file; --draft-vocab none does not)."""
     import numpy as np
+    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from model.draft_vocab import DraftVocab
 
     extra = ["recycle.draft_vocab=64", "recycle.detach_base=true", "recycle.base_bf16=true", "recycle.target=base",
              "recycle.train_depth=2"]
-    train(tmp_path, sotu_prefix, "train.steps=2", *extra)
+    first = train(tmp_path, sotu_prefix, "train.steps=2", *extra)
+    assert "draft vocabulary: 64 tokens cover" in first.stdout, first.stdout    # the count is logged, not silent
     saved = DraftVocab.load(tmp_path / "draft_vocab.safetensors").token_ids
     data = IndexedDataset(sotu_prefix)
     counts = np.bincount(np.concatenate([np.asarray(data[i]) for i in range(len(data))]))
@@ -193,4 +195,15 @@ def test_a_draft_vocabulary_run_counts_its_shards_once_and_keeps_them(tmp_path, 
     assert "drafting over " + str(tmp_path / "draft_vocab.safetensors") in own.stderr
     whole = cli("-m", "inference.generate", *prompt, "--draft-vocab", "none")
     assert "drafting over" not in whole.stderr and whole.stdout == own.stdout   # lossless either way
+    # An export carries it beside the module, decoding from the HF folder drafts over it, and an import brings
+    # it back with recycle.draft_vocab set, so training on from there keeps the same rows.
+    hf, again_run = tmp_path / "hf", tmp_path / "reimported"
+    cli("-m", "pretrain.export_hf", "--checkpoint", str(tmp_path), "--output", str(hf))
+    assert torch.equal(DraftVocab.load(hf / "draft_vocab.safetensors").token_ids, saved)
+    from_hf = cli("-m", "inference.generate", *prompt[2:], "--model", str(hf))
+    assert "drafting over " + str(hf / "draft_vocab.safetensors") in from_hf.stderr
+    assert from_hf.stdout == own.stdout
+    cli("-m", "pretrain.import_hf", "--hf", str(hf), "--output", str(again_run))
+    assert torch.equal(DraftVocab.load(again_run / "draft_vocab.safetensors").token_ids, saved)
+    assert "draft_vocab: 64" in (again_run / "config.yaml").read_text()
 
