@@ -160,10 +160,10 @@ def main(argv=None) -> int:
         rows[name] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_best": max(tps),
                       "step_s_all": ts, "saved_for_backward_mb": saved[name] / 2 ** 20,
                       f"speed_vs_{ref}": statistics.median(r / t for r, t in zip(times[ref], ts))}
-    print(f"\n{'config':<14}{'tok/s median':>14}{'tok/s best':>12}{'saved MB':>10}{'vs ' + ref:>12}")
+    print(f"\n{'config':<14}{'tok/s median':>14}{'tok/s best':>12}{'saved MB':>10}{'vs ' + ref:>18}")
     for name, r in rows.items():
         print(f"{name:<14}{r['tokens_per_s_median']:>14,.0f}{r['tokens_per_s_best']:>12,.0f}"
-              f"{r['saved_for_backward_mb']:>10.1f}{r[f'speed_vs_{ref}']:>11.3f}x")
+              f"{r['saved_for_backward_mb']:>10.1f}{r[f'speed_vs_{ref}']:>17.3f}x")
     if args.output:
         result = {"benchmark": "module_training", "args": {k: str(v) if isinstance(v, Path) else v
                                                            for k, v in vars(args).items()},

@@ -132,9 +132,15 @@ def init_distributed(dims: ParallelDims, backend: str | None = None, timeout_min
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    store = rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
-                             world, timeout)
-    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+    # A second call in one process (benchmarks build several engines side by side) keeps the process group it
+    # has; only megatron's and DeepSpeed's groups below are rebuilt for the new dims.
+    if not dist.is_initialized():
+        store = rendezvous_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 int(os.environ["RANK"]), world, timeout)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                timeout=timeout)
+    elif dist.get_world_size() != world:
+        raise ValueError(f"a process group of {dist.get_world_size()} processes exists; {dims} needs {world}")
     # DeepSpeed wraps the process group that is already there
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     rank = dist.get_rank()
