@@ -9,9 +9,11 @@ Consolidates one checkpoint tag (default: `latest`) on one process and writes a 
     config.json                  LlamaConfig + recycle_layers + auto_map -> RecycleGPTForCausalLM
     generation_config.json, tokenizer files
     draft_vocab.safetensors      the run's draft vocabulary when it has one (recycle.draft_vocab): our decoding
-                                 drafts over it by default, and import_hf carries it back; vLLM ignores it
+                                 and the remote code draft over it by default, import_hf carries it back; vLLM
+                                 ignores it
     modeling_recyclegpt.py + decoding.py, drafting.py, rows.py, sampling.py, draft_policy.py, step_costs.py,
-    kv_cache.py                  the remote code: the HF model adapter and our own decode loop beside it
+    kv_cache.py, draft_vocab.py, strides.py
+                                 the remote code: the HF model adapter, our own decode loop and draft vocabulary
                                  (pretrain/remote_code.py finds the loop's files and rewrites their imports)
     with --vllm also: vllm_draft/ (the module as vLLM's MTP draft) and vllm_speculative_config.json
                                  (pretrain/vllm_export.py; docs/serving.md)

@@ -1,13 +1,14 @@
 """The remote code of an exported HF folder: pretrain/hf_remote/modeling_recyclegpt.py and, beside it, the
 project's own decode loop, so `recycle_generate` runs the very loop `inference.generate` runs.
 
-The loop's files are found by reading imports: inference/decoding.py and every `inference.*` / `model.*` module
-it imports, directly or inside a function, recursively (today: decoding, drafting, rows, sampling, draft_policy,
-step_costs, kv_cache). They are copied flat next to the modeling file with each `from inference.X import` /
+The loop's files are found by reading imports: inference/decoding.py, model/draft_vocab.py (the folder's draft
+vocabulary, handed to the loop) and every `inference.*` / `model.*` module they import, directly or inside a
+function, recursively (today: decoding, drafting, rows, sampling, draft_policy, step_costs, kv_cache,
+draft_vocab, strides). They are copied flat next to the modeling file with each `from inference.X import` /
 `from model.X import` rewritten to `from .X import`: transformers' remote-code loader copies a module's
 relative imports along with it (`dynamic_module_utils.get_relative_import_files`), from a local folder and from
-the Hub alike. Anything else they import must be torch or the standard library: a loader of the folder has
-transformers and torch, not this project; `RemoteCodeError` says which file broke that rule.
+the Hub alike. Anything else they import must be torch, safetensors or the standard library: a loader of the
+folder has transformers (which requires safetensors) and torch, not this project; `RemoteCodeError` says which file broke that rule.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELING_FILE = Path(__file__).resolve().parent / "hf_remote" / "modeling_recyclegpt.py"
-DECODE_LOOP = "inference.decoding"
+LOOP_ROOTS = ("inference.decoding", "model.draft_vocab")
 PROJECT_PACKAGES = ("inference", "model")          # shipped when the loop imports them
-ALLOWED = {"torch", "__future__"} | set(sys.stdlib_module_names)
+ALLOWED = {"torch", "safetensors", "__future__"} | set(sys.stdlib_module_names)
 
 
 class RemoteCodeError(Exception):
@@ -52,14 +53,14 @@ def _project_imports(module: str) -> list[tuple[int, str]]:
             elif top in PROJECT_PACKAGES or top not in ALLOWED:
                 raise RemoteCodeError(
                     f"{path.relative_to(ROOT)}:{node.lineno} imports {name}, which an exported HF folder cannot ship "
-                    "(its remote code may use torch and the standard library, and project modules as "
+                    "(its remote code may use torch, safetensors and the standard library, and project modules as "
                     "`from inference.X import` / `from model.X import`)")
     return found
 
 
 def decode_loop_modules() -> list[str]:
-    """inference.decoding and every project module it needs, in discovery order."""
-    order, todo = [], [DECODE_LOOP]
+    """inference.decoding, model.draft_vocab and every project module they need, in discovery order."""
+    order, todo = [], list(LOOP_ROOTS)
     while todo:
         module = todo.pop(0)
         if module in order:

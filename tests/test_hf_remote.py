@@ -1,7 +1,7 @@
 """The exported folder's remote code (pretrain/hf_remote + our decode loop copied beside it, pretrain/remote_code.py)
-loaded by real transformers with trust_remote_code: the same loop as ours in every mode, draft length, sampling
-and batch (fp32, token for token and forward for forward), the module's math and its cache at rotary position
-i + 1, and the bf16 agreement with our own model in bf16.
+loaded by real transformers with trust_remote_code: the same loop as ours in every mode, draft length, sampling,
+draft vocabulary and batch (fp32, token for token and forward for forward), the module's math and its cache at
+rotary position i + 1, and the bf16 agreement with our own model in bf16.
 
 No training: a random model whose module mirrors the base (tests/test_inference_decoding.py) so verify accepts
 drafts, with llama3 rope scaling so the module must take the base's scaled frequencies.
@@ -61,10 +61,11 @@ def test_folder_ships_the_decode_loop_importing_only_torch(models):
 
     folder = models[0]
     shipped = {p.name for p in folder.glob("*.py")}
-    assert {"modeling_recyclegpt.py", "decoding.py", "drafting.py", "rows.py", "sampling.py", "kv_cache.py"} <= shipped
+    assert {"modeling_recyclegpt.py", "decoding.py", "drafting.py", "rows.py", "sampling.py", "kv_cache.py",
+            "draft_vocab.py", "strides.py"} <= shipped
     for name in shipped:
         libraries = set(get_imports(folder / name)) - {"__future__"}
-        allowed = {"torch", "transformers", "safetensors"} if name == "modeling_recyclegpt.py" else {"torch"}
+        allowed = {"torch", "safetensors"} | ({"transformers"} if name == "modeling_recyclegpt.py" else set())
         assert libraries - allowed <= set(__import__("sys").stdlib_module_names), (name, libraries)
 
 
@@ -115,6 +116,41 @@ def test_recycle_generate_runs_our_loop(models, mode, draft_len, temperature):
             assert getattr(stats[b], field) == getattr(row.stats, field), (b, field)
     if mode == "verify":
         assert sum(s.accepted for s in stats) > 0        # the accept path ran, not only rejections
+
+
+def test_folder_draft_vocab_is_drafted_over(models, tmp_path):
+    """A folder with draft_vocab.safetensors (export_hf copies the run's): recycle_generate drafts over it like our
+    loop given the same DraftVocab, token for token and forward for forward; every module token of recycle mode is
+    one of its ids; use_draft_vocab=False drafts over all tokens."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from model.draft_vocab import FILE_NAME, DraftVocab
+
+    folder, ours, _, _ = models
+    shutil.copytree(folder, tmp_path / "hf")
+    ids_kept = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(4))[:32]
+    DraftVocab(ids_kept).save(tmp_path / "hf" / FILE_NAME)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert remote.draft_vocab is not None and remote.draft_vocab.token_ids.tolist() == ids_kept.tolist()
+    kept = set(ids_kept.tolist())
+    rows = prompts(2)
+    ids, mask = left_padded(rows)
+    for mode, k in (("recycle", 1), ("verify", 2)):
+        want = generate_batch(ours, rows, mode, 20, draft_len=k, draft_vocab=DraftVocab(ids_kept))
+        got, stats = remote.recycle_generate(ids, mode, 20, attention_mask=mask, draft_len=k, return_stats=True)
+        assert got[:, ids.shape[1]:].tolist() == [r.tokens for r in want.rows], mode
+        assert [s.accepted for s in stats] == [r.stats.accepted for r in want.rows], mode
+        if mode == "recycle":       # base, module, base, module, ...: the module's tokens are draft-vocab ids
+            assert all(t in kept for r in want.rows for t in r.tokens[1::2])
+    whole = remote.recycle_generate(ids, "recycle", 20, attention_mask=mask, use_draft_vocab=False)
+    whole = whole[:, ids.shape[1]:].tolist()
+    assert whole == [r.tokens for r in generate_batch(ours, rows, "recycle", 20).rows]
+    assert any(t not in kept for row in whole for t in row[1::2])
+    with pytest.raises(ValueError, match="does not fit"):
+        DraftVocab(torch.tensor([CFG.vocab_size])).save(tmp_path / "hf" / FILE_NAME)
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
 
 
 def test_eager_attention_decodes_alike(models):

@@ -9,8 +9,10 @@ recycle_module.safetensors and is built from transformers' own Llama parts:
 
 `recycle_generate` runs the project's own decode loop (decoding.py and the files it imports, copied beside this
 file at export time; they need only torch): modes standard / recycle / verify, draft_len k or "auto", sampling
-(lossless in verify by speculative sampling), batches. This file only adapts the model to the interface that loop
-calls: new_caches, base_step, module_step, draft_step, logits, cfg, recycle.
+(lossless in verify by speculative sampling), batches, and the folder's draft vocabulary (draft_vocab.safetensors,
+when the run trained the module over one: its logits are drafted over those tokens only, as `inference.generate`
+does). This file only adapts the model to the interface that loop calls: new_caches, base_step, module_step,
+draft_step, logits, cfg, spec, recycle.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from .decoding import generate_batch
+from .draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
+from .draft_vocab import DraftVocab
 from .kv_cache import KVCache
 from .sampling import Sampling
 
@@ -85,22 +89,41 @@ class RecycleGPTForCausalLM(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         self.recycle = RecyclableModule(config) if getattr(config, "recycle_layers", 0) else None
+        self.draft_vocab: DraftVocab | None = None     # the folder's, read by from_pretrained
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if model.recycle is not None:
-            model.load_recycle_module(pretrained_model_name_or_path, **{
-                k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs})
+            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            model.load_recycle_module(pretrained_model_name_or_path, **hub_kwargs)
+            model.load_draft_vocab(pretrained_model_name_or_path, **hub_kwargs)
         return model
+
+    @staticmethod
+    def _folder_file(path, name: str, required: bool, **hub_kwargs) -> str | None:
+        """`name` in a local folder or a Hub repository; None when it is missing and not `required`."""
+        file = os.path.join(str(path), name)
+        if os.path.isfile(file):
+            return file
+        if os.path.isdir(str(path)) and not required:
+            return None
+        from transformers.utils import cached_file
+        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=required, **hub_kwargs)
+
+    def load_draft_vocab(self, path, **hub_kwargs):
+        """The run's draft vocabulary when the folder has one (export_hf copies it): the module learned logits
+        over those tokens only. Decoding drafts over it unless recycle_generate(..., use_draft_vocab=False)."""
+        file = self._folder_file(path, DRAFT_VOCAB_FILE, False, **hub_kwargs)
+        self.draft_vocab = None
+        if file is not None:
+            self.draft_vocab = DraftVocab.load(file)
+            self.draft_vocab.check(self.config.vocab_size)
 
     def load_recycle_module(self, path, **hub_kwargs):
         from safetensors.torch import load_file
 
-        file = os.path.join(str(path), MODULE_FILE)
-        if not os.path.isfile(file):
-            from transformers.utils import cached_file
-            file = cached_file(str(path), MODULE_FILE, **hub_kwargs)
+        file = self._folder_file(path, MODULE_FILE, True, **hub_kwargs)
         state = {k.removeprefix("recycle."): v for k, v in load_file(file).items()}
         p = self.lm_head.weight
         self.recycle.to(device=p.device)
@@ -114,6 +137,11 @@ class RecycleGPTForCausalLM(LlamaForCausalLM):
         c = self.config
         return SimpleNamespace(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                                max_seq_len=c.max_position_embeddings)
+
+    @property
+    def spec(self):
+        """One process: no tensor parallelism (DraftVocab.logits reads tp_size)."""
+        return SimpleNamespace(tp_size=1)
 
     def _cache(self, layers: int, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         c, p = self.config, self.lm_head.weight
@@ -146,11 +174,13 @@ class RecycleGPTForCausalLM(LlamaForCausalLM):
     def recycle_generate(self, input_ids, mode: str = "standard", max_new_tokens: int = 64,
                          eos_token_id: int | None = None, *, attention_mask=None, draft_len=1,
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                         max_auto_draft_len: int = 4, pad_token_id: int | None = None, return_stats: bool = False):
+                         max_auto_draft_len: int = 4, pad_token_id: int | None = None, return_stats: bool = False,
+                         use_draft_vocab: bool = True):
         """Continue input_ids ([P], or [B, P] with an optional attention_mask marking the real tokens of padded
         rows); returns [B, P + N] like `generate`: each row as given, then its new tokens, rows that stopped
         early padded with pad_token_id (default: the config's, else eos). mode: standard | recycle | verify;
         draft_len: tokens drafted per verify cycle, or "auto"; temperature > 0 samples (top_k, top_p, seed).
+        The module drafts over the folder's draft vocabulary when it has one (use_draft_vocab=False: all tokens).
         Greedy fp32 verify equals standard token for token; each row of a batch equals its batch-1 output.
         With return_stats: (ids, per-row DecodeStats: full_forwards, tau, acceptance_rate, tokens_per_s)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
@@ -159,7 +189,8 @@ class RecycleGPTForCausalLM(LlamaForCausalLM):
             torch.as_tensor(attention_mask).cpu().view(ids.shape).bool()
         prompts = [row[m].tolist() for row, m in zip(ids, keep)]
         out = generate_batch(self, prompts, mode, max_new_tokens, eos_token_id, draft_len=draft_len,
-                             sampling=Sampling(temperature, top_k, top_p, seed), max_auto_draft_len=max_auto_draft_len)
+                             sampling=Sampling(temperature, top_k, top_p, seed), max_auto_draft_len=max_auto_draft_len,
+                             draft_vocab=self.draft_vocab if use_draft_vocab else None)
         if pad_token_id is None:
             pad_token_id = next((t for t in (self.config.pad_token_id, eos_token_id, self.config.eos_token_id)
                                  if isinstance(t, int)), 0)
