@@ -8,7 +8,8 @@ HF_DIR, as for inference.generate. `generate_until` requests decode through the 
 the lossy `recycle` mode's cost shows on real benchmarks; `loglikelihood` requests score with the full
 model (the module plays no part in a likelihood). Extra model_args: dtype=fp32|bf16, device=cpu|cuda,
 draft_len=K (verify), max_length=N (context; default the model's), draft_vocab=FILE|none (the module's token
-over a draft vocabulary in recycle and verify; default: DIR/draft_vocab.safetensors if there is one).
+over a draft vocabulary in recycle and verify; default: DIR/draft_vocab.safetensors if there is one),
+weight_layout=auto|row|column (as inference.generate's --weight-layout; auto: column-major for fp32 on a CPU).
 Needs the optional extra: pip install -e ".[eval]".
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from inference.cli import resolve_draft_vocab
 from inference.decoding import MODES, generate
 from inference.draft_vocab import load_draft_vocab
+from inference import weight_layout as layouts
 from inference.loading import ModelLoadError, load_model_dir, parse_dtype
 
 
@@ -33,11 +35,12 @@ from inference.loading import ModelLoadError, load_model_dir, parse_dtype
 class RecycleGPTLM(TemplateLM):
     def __init__(self, pretrained: str, mode: str = "standard", dtype: str = "fp32", device: str = "cpu",
                  draft_len: int = 1, max_length: int | None = None, batch_size=1, draft_vocab: str | None = None,
-                 **unused):
+                 weight_layout: str = "auto", **unused):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; valid: {', '.join(MODES)}")
         self.model, self.tokenizer = load_model_dir(pretrained, parse_dtype(dtype), torch.device(device))
+        layouts.apply(self.model, layouts.resolve(weight_layout, device, parse_dtype(dtype)))
         if self.tokenizer is None:
             raise ModelLoadError(f"{pretrained} has no tokenizer; lm-eval needs one (export with a tokenizer)")
         if mode != "standard" and self.model.recycle is None:

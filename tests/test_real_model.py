@@ -225,6 +225,23 @@ def lm_eval_results(model, model_args, task, include):
     return out["results"][task], out["samples"][task]
 
 
+def test_lm_eval_model_stores_weights_like_inference_generate(tmp_path):
+    """`recyclegpt`'s weight_layout: auto is column-major for fp32 on a CPU, as inference.generate's default."""
+    import shutil
+
+    from inference.lm_eval import RecycleGPTLM
+    from model.strides import is_column_major
+    from tests.helpers import GPT2
+
+    folder = tiny_llama_dir(tmp_path / "hf")
+    for file in Path(GPT2).iterdir():
+        shutil.copy(file, folder)
+    auto, row = RecycleGPTLM(str(folder)), RecycleGPTLM(str(folder), weight_layout="row")
+    assert is_column_major(auto.model.lm_head.weight) and not is_column_major(row.model.lm_head.weight)
+    torch.testing.assert_close(auto.model.lm_head.weight, row.model.lm_head.weight, rtol=0, atol=0)
+    assert auto._score([1, 2, 3], [4, 5])[0] == pytest.approx(row._score([1, 2, 3], [4, 5])[0], abs=1e-4)
+
+
 @pytest.mark.slow
 def test_stock_lm_eval_scores_export_like_its_source(trained, smollm2_dir, tasks):
     _, exported = trained
