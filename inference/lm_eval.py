@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills an empty registry only, see below)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -31,6 +32,9 @@ from inference import weight_layout as layouts
 from inference.loading import ModelLoadError, load_model_dir, parse_dtype
 
 
+# lm-eval registers its own models (hf, vllm, ...) lazily, and only while its registry is empty
+# (lm_eval.api.registry.get_model): registering ours into an empty registry first would hide them all from
+# this process. Importing lm_eval.models above registers them before ours.
 @register_model("recyclegpt")
 class RecycleGPTLM(TemplateLM):
     def __init__(self, pretrained: str, mode: str = "standard", dtype: str = "fp32", device: str = "cpu",

@@ -242,6 +242,15 @@ def test_lm_eval_model_stores_weights_like_inference_generate(tmp_path):
     assert auto._score([1, 2, 3], [4, 5])[0] == pytest.approx(row._score([1, 2, 3], [4, 5])[0], abs=1e-4)
 
 
+def test_registering_recyclegpt_keeps_lm_evals_own_models():
+    """In a fresh process: importing inference.lm_eval first must leave `hf` loadable (lm-eval fills its registry
+    only while it is empty)."""
+    proc = cli("-c", "import inference.lm_eval; from lm_eval.api.registry import get_model; "
+               "print(get_model('hf').__name__, get_model('recyclegpt').__name__)", check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["HFLM", "RecycleGPTLM"]
+
+
 @pytest.mark.slow
 def test_stock_lm_eval_scores_export_like_its_source(trained, smollm2_dir, tasks):
     _, exported = trained
