@@ -31,11 +31,9 @@ def load_draft_vocab(args, model) -> DraftVocab | None:
     if not args.draft_vocab:
         return None
     try:
-        vocab = DraftVocab.load(args.draft_vocab)
-        vocab.check(model.cfg.vocab_size)
+        return DraftVocab.load(args.draft_vocab, model.cfg.vocab_size)
     except ValueError as err:
         raise UsageError(f"--draft-vocab: {err}") from None
-    return vocab
 
 
 def main(argv=None) -> int:

@@ -62,14 +62,18 @@ class DraftVocab:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path) -> "DraftVocab":
+    def load(cls, path, vocab_size: int | None = None) -> "DraftVocab":
+        """The file's draft vocabulary; with `vocab_size`, also checked to fit that model (ValueError)."""
         from safetensors.torch import load_file
 
         try:
-            return cls(load_file(str(path))["token_ids"])
+            vocab = cls(load_file(str(path))["token_ids"])
         except (OSError, KeyError, Exception) as err:  # safetensors raises its own error types
             raise ValueError(f"could not read a draft vocabulary from {path}: {err}; "
                              "write one with python -m inference.draft_vocab") from None
+        if vocab_size is not None:
+            vocab.check(vocab_size)
+        return vocab
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor, size: int) -> "DraftVocab":

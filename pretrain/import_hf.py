@@ -41,11 +41,9 @@ def exported_draft_vocab(hf_dir: Path, vocab_size: int):
     if not (hf_dir / FILE_NAME).is_file():
         return None
     try:
-        vocab = DraftVocab.load(hf_dir / FILE_NAME)
-        vocab.check(vocab_size)
+        return DraftVocab.load(hf_dir / FILE_NAME, vocab_size)
     except ValueError as err:
         raise ImportError_(str(err)) from None
-    return vocab
 
 
 def model_section(cfg) -> dict:

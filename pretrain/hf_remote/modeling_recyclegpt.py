@@ -115,10 +115,7 @@ class RecycleGPTForCausalLM(LlamaForCausalLM):
         """The run's draft vocabulary when the folder has one (export_hf copies it): the module learned logits
         over those tokens only. Decoding drafts over it unless recycle_generate(..., use_draft_vocab=False)."""
         file = self._folder_file(path, DRAFT_VOCAB_FILE, False, **hub_kwargs)
-        self.draft_vocab = None
-        if file is not None:
-            self.draft_vocab = DraftVocab.load(file)
-            self.draft_vocab.check(self.config.vocab_size)
+        self.draft_vocab = None if file is None else DraftVocab.load(file, self.config.vocab_size)
 
     def load_recycle_module(self, path, **hub_kwargs):
         from safetensors.torch import load_file
