@@ -43,12 +43,13 @@ class RecycleGPTLM(TemplateLM):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; valid: {', '.join(MODES)}")
-        self.model, self.tokenizer = load_model_dir(pretrained, parse_dtype(dtype), torch.device(device))
-        layouts.apply(self.model, layouts.resolve(weight_layout, device, parse_dtype(dtype)))
+        torch_dtype = parse_dtype(dtype)
+        self.model, self.tokenizer = load_model_dir(pretrained, torch_dtype, torch.device(device))
         if self.tokenizer is None:
             raise ModelLoadError(f"{pretrained} has no tokenizer; lm-eval needs one (export with a tokenizer)")
         if mode != "standard" and self.model.recycle is None:
             raise ValueError(f"mode={mode} needs a recyclable module, but {pretrained} has none; use mode=standard")
+        layouts.apply(self.model, layouts.resolve(weight_layout, device, torch_dtype))
         self.mode, self.draft_len = mode, int(draft_len)
         where = SimpleNamespace(model=pretrained, draft_vocab=draft_vocab)
         resolve_draft_vocab(where)

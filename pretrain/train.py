@@ -71,12 +71,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     shapes = cfg.model.build()      # the preset's name alone hides an imported model's own shapes
+    params = shapes.num_parameters()
     logging.getLogger("recyclegpt.train").info(
         "run %s: %s%s (%d layers, hidden %d, vocab %d, %d-layer module; %.1fM + %.1fM parameters), "
         "world %d (tp %d, pp %d, dp %d), zero %d, %s", cfg.run.dir, cfg.model.preset,
         " with overrides" if cfg.model.overrides else "", shapes.num_layers, shapes.hidden_size,
-        shapes.vocab_size, shapes.recycle_layers, shapes.num_parameters()["base"] / 1e6,
-        shapes.num_parameters()["recycle"] / 1e6, runtime.world_size, cfg.parallel.tp, cfg.parallel.pp, runtime.dp_size, cfg.parallel.zero_stage,
+        shapes.vocab_size, shapes.recycle_layers, params["base"] / 1e6, params["recycle"] / 1e6,
+        runtime.world_size, cfg.parallel.tp, cfg.parallel.pp, runtime.dp_size, cfg.parallel.zero_stage,
         "bf16" if runtime.bf16 else "fp32")
     try:
         outcome = Trainer(cfg, runtime).fit()
