@@ -1,8 +1,8 @@
 """Why a 2-token full step costs about 2x a 1-token one on a CPU (docs/inference.md, "Step costs on a CPU").
 
-Times `F.linear(x, W)` with W [out, in] stored row-major (`row`, how a checkpoint loads) and column-major
-(`column`: `W.t().contiguous().t()`, the same tensor; `--weight-layout column`, inference/weight_layout.py)
-for M = 1 .. 8 rows of x, interleaved, medians, at one thread, in fp32 or bf16. On the 2-core EPYC
+Times `F.linear(x, W)` with W [out, in] stored row-major (`row`, how a checkpoint loads), column-major
+(`column`: `W.t().contiguous().t()`, the same tensor; `--weight-layout column`, inference/weight_layout.py) and
+oneDNN-prepacked (`packed`, model/strides.py) for M = 1 .. 8 rows of x, interleaved, medians, at one thread, in fp32 or bf16. On the 2-core EPYC
 development machine with torch 2.13 in fp32, `row` on the LM head's shape takes ~2x at M = 2 and ~3x at M = 3
 but only ~1.8x at M = 4, while `column` takes ~1.1x at M = 2: small-M products are not weight-bound in the
 row layout. This is the kernel side of c(2)/c(1) ~ 1.9 in the benchmark's step costs.
@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.strides import linear, pack  # noqa: E402
 
 SHAPES = {"attention q/o": (576, 576), "mlp up": (576, 1536), "mlp down": (1536, 576), "lm head": (576, 49152)}
 
@@ -27,7 +32,9 @@ def timings(d_in: int, d_out: int, rows: list[int], reps: int, dtype: torch.dtyp
     weight = torch.randn(d_out, d_in, dtype=dtype)
     weight_col = weight.t().contiguous().t()
     xs = {m: torch.randn(1, m, d_in, dtype=dtype) for m in rows}
-    kinds = {"row": lambda x: F.linear(x, weight), "column": lambda x: F.linear(x, weight_col)}
+    weight_packed = pack(weight)
+    kinds = {"row": lambda x: F.linear(x, weight), "column": lambda x: F.linear(x, weight_col),
+             "packed": lambda x: linear(x, weight_packed)}
     times = {(k, m): [] for k in kinds for m in rows}
     for _ in range(reps):
         for kind, fn in kinds.items():
@@ -55,7 +62,7 @@ def main() -> int:
         reps = 12 if d_out * d_in > 1e7 else 200
         t = timings(d_in, d_out, rows, reps, dtype)
         report["shapes"][name] = {"in": d_in, "out": d_out, **t}
-        for kind in ("row", "column"):
+        for kind in ("row", "column", "packed"):
             print(f"{name:14s} {kind:7s} " + "  ".join(f"M={m}: {t[kind][m]:.2f}" for m in rows)
                   + f"   (units of row at M=1 = {t['row_m1_ms']:.3f} ms)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

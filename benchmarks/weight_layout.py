@@ -1,17 +1,17 @@
-"""Row-major vs column-major Linear weights (`--weight-layout`, inference/weight_layout.py) side by side.
+"""Linear weight layouts (`--weight-layout`, inference/weight_layout.py) side by side: row, column, packed.
 
-Loads the model once, keeps a second copy with the other layout, and decodes the same prompts with both in
-one process: every repeat runs every entry (standard, recycle, verify at each --draft-len, with and without
-the draft vocabulary) on both copies, the order rotating per repeat, and between repeats samples both copies'
-step costs (inference/step_costs.py). The figures to read are ratios (column over row), since the machine is
-shared and noisy; greedy output of the two layouts must be identical (checked per entry).
+Loads the model once, keeps a copy per other layout, and decodes the same prompts with all of them in one
+process: every repeat runs every entry (standard, recycle, verify at each --draft-len, with and without the
+draft vocabulary) on every copy, the order rotating per repeat, and between repeats samples each copy's step
+costs (inference/step_costs.py). The figures to read are ratios over the first layout (row), since the machine
+is shared and noisy; greedy output of every layout must be identical to the first one's (checked per entry).
 
     python benchmarks/weight_layout.py --model runs/smollm2-recycle --prompt-corpus assets/corpus/brown.jsonl.zst \\
         --draft-len 1,2,3 --draft-vocab runs/smollm2-recycle/draft_vocab.safetensors --threads 1 \\
         --prompt-len 32 --new-tokens 48 --repeats 4 --cost-rounds 12 --output runs/bench/weight_layout_fp32.json
 
-Writes FILE.json (per layout and entry: tokens/s runs, median, best, tau, prefill; step costs; column/row
-ratios) and FILE.md (the tables of docs/inference.md).
+Writes FILE.json (per layout and entry: tokens/s runs, median, best, tau, prefill; step costs; ratios over the
+first layout) and FILE.md (the tables of docs/inference.md).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from inference.benchmark import entries, make_prompts, parse_modes  # noqa: E402
 from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args,  # noqa: E402
                            check_model_args, model_from_args, parse_draft_len, resolve_draft_vocab, run_main)
 
-LAYOUTS = ("row", "column")
+from inference.weight_layout import LAYOUTS  # noqa: E402
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -44,33 +44,38 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--prompt-corpus", metavar="FILE", help=".jsonl(.zst) with a 'text' field: prompts from it")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--cost-rounds", type=int, default=12, help="samples of each step cost per layout")
+    p.add_argument("--layouts", default="row,column,packed", help="comma-separated, the first is the baseline of "
+                   "the ratios: from row, column, packed")
     return p
 
 
-def decode_both(models, vocabs, batches, todo, new_tokens, cost_rounds: int, costs) -> dict:
+def decode_all(models, vocabs, batches, todo, new_tokens, cost_rounds: int, costs) -> dict:
     from inference.decoding import generate_batch
 
     def run(layout, entry, prompts, n):
         return generate_batch(models[layout], prompts, entry["mode"], n, draft_len=entry["draft_len"],
                               draft_vocab=vocabs[layout] if entry["draft_vocab"] else None)
 
-    for layout in LAYOUTS:                   # warmup: allocator, kernels, the draft vocabulary's row copy
+    layouts = list(models)
+    for layout in layouts:                   # warmup: allocator, kernels, the draft vocabulary's row copy
         for entry in todo:
             run(layout, entry, batches[0], min(new_tokens, 8))
-    pairs = [(layout, e) for e in todo for layout in LAYOUTS]
+    pairs = [(layout, e) for e in todo for layout in layouts]
     gens = {(layout, e["name"]): [] for layout, e in pairs}
     for r, prompts in enumerate(batches):
         shift = r % len(pairs)
         for layout, entry in pairs[shift:] + pairs[:shift]:
             gens[(layout, entry["name"])].append(run(layout, entry, prompts, new_tokens))
-        for layout in (LAYOUTS if r % 2 == 0 else LAYOUTS[::-1]):
+        for layout in (layouts if r % 2 == 0 else layouts[::-1]):
             costs[layout].sample(-(-cost_rounds // len(batches)))
     return gens
 
 
 def summarize(gens, todo, costs) -> dict:
-    out = {layout: {"modes": {}, "step_costs": costs[layout].summary()} for layout in LAYOUTS}
-    for layout in LAYOUTS:
+    layouts = list(costs)
+    base = layouts[0]
+    out = {layout: {"modes": {}, "step_costs": costs[layout].summary()} for layout in layouts}
+    for layout in layouts:
         for entry in todo:
             runs = gens[(layout, entry["name"])]
             stats = [s for g in runs for s in g.stats]
@@ -80,41 +85,42 @@ def summarize(gens, todo, costs) -> dict:
                 "tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
                 "tau": sum(s.new_tokens for s in stats) / sum(s.full_forwards for s in stats),
                 "prefill_s": statistics.median(s.prefill_seconds for s in stats)}
-    ratios = {}
+    tokens = {key: [[r.tokens for r in g.rows] for g in runs] for key, runs in gens.items()}
+    ratios = {}                              # entry -> layout -> its figures over the baseline layout's
     for entry in todo:
-        row, col = out["row"]["modes"][entry["name"]], out["column"]["modes"][entry["name"]]
-        same = [[r.tokens for r in g.rows] for g in gens[("row", entry["name"])]] == \
-               [[r.tokens for r in g.rows] for g in gens[("column", entry["name"])]]
-        ratios[entry["name"]] = {"column_over_row": col["tokens_per_s"] / row["tokens_per_s"],
-                                 "column_over_row_best": col["tokens_per_s_best"] / row["tokens_per_s_best"],
-                                 "prefill_column_over_row": col["prefill_s"] / row["prefill_s"],
-                                 "identical_tokens": same}
-    for layout in LAYOUTS:                   # each layout's own speedup over its own standard
+        ref = out[base]["modes"][entry["name"]]
+        ratios[entry["name"]] = {layout: {
+            "tokens_per_s": out[layout]["modes"][entry["name"]]["tokens_per_s"] / ref["tokens_per_s"],
+            "tokens_per_s_best": out[layout]["modes"][entry["name"]]["tokens_per_s_best"] / ref["tokens_per_s_best"],
+            "prefill_s": out[layout]["modes"][entry["name"]]["prefill_s"] / ref["prefill_s"],
+            "identical_tokens": tokens[(layout, entry["name"])] == tokens[(base, entry["name"])]}
+            for layout in layouts[1:]}
+    for layout in layouts:                   # each layout's own speedup over its own standard
         std = out[layout]["modes"].get("standard")
         for res in out[layout]["modes"].values():
             if std:
                 res["speedup"] = res["tokens_per_s"] / std["tokens_per_s"]
                 res["speedup_best"] = res["tokens_per_s_best"] / std["tokens_per_s_best"]
-    cost_ratios = {}
-    for key in ("full_1_s", "module_1_s", "module_1_dv_s"):
-        if key in out["row"]["step_costs"]:
-            cost_ratios[key] = out["column"]["step_costs"][key] / out["row"]["step_costs"][key]
-    return {"layouts": out, "column_over_row": ratios, "step_cost_column_over_row": cost_ratios}
+    cost_ratios = {layout: {key: out[layout]["step_costs"][key] / out[base]["step_costs"][key]
+                            for key in ("full_1_s", "module_1_s", "module_1_dv_s") if key in out[base]["step_costs"]}
+                   for layout in layouts[1:]}
+    return {"baseline": base, "layouts": out, "over_baseline": ratios, "step_cost_over_baseline": cost_ratios}
 
 
 def print_table(report: dict):
-    layouts, ratios = report["layouts"], report["column_over_row"]
+    layouts, base = report["layouts"], report["baseline"]
+    others = [x for x in layouts if x != base]
     print(f"{report['model']}  {report['dtype']}, {report['threads']} thread(s), prompt {report['prompt_len']}, "
           f"{report['new_tokens']} new tokens, batch {report['batch_size']}, {report['repeats']} repeats")
-    print(f"{'entry':<14}{'row tok/s':>10}{'col tok/s':>10}{'col/row':>9}{'(best)':>8}{'row spd':>9}{'col spd':>9}"
-          f"{'tau':>6}{'prefill col/row':>16}{'same':>6}")
-    for name, ratio in ratios.items():
-        row, col = layouts["row"]["modes"][name], layouts["column"]["modes"][name]
-        print(f"{name:<14}{row['tokens_per_s']:>10.1f}{col['tokens_per_s']:>10.1f}{ratio['column_over_row']:>8.2f}x"
-              f"{ratio['column_over_row_best']:>7.2f}x{row.get('speedup', 0):>8.2f}x{col.get('speedup', 0):>8.2f}x"
-              f"{row['tau']:>6.2f}{ratio['prefill_column_over_row']:>15.2f}x"
-              f"{'yes' if ratio['identical_tokens'] else 'NO':>6}")
-    for layout in LAYOUTS:
+    print(f"{'entry':<14}" + "".join(f"{x + ' tok/s':>14}" for x in layouts) + "".join(f"{x + '/' + base:>15}"
+          for x in others) + "".join(f"{x + ' spd':>12}" for x in layouts) + f"{'tau':>6}{'same':>6}")
+    for name, ratio in report["over_baseline"].items():
+        print(f"{name:<14}" + "".join(f"{layouts[x]['modes'][name]['tokens_per_s']:>14.1f}" for x in layouts)
+              + "".join(f"{ratio[x]['tokens_per_s']:>14.2f}x" for x in others)
+              + "".join(f"{layouts[x]['modes'][name].get('speedup', 0):>11.2f}x" for x in layouts)
+              + f"{layouts[base]['modes'][name]['tau']:>6.2f}"
+              + f"{'yes' if all(ratio[x]['identical_tokens'] for x in others) else 'NO':>6}")
+    for layout in layouts:
         c = layouts[layout]["step_costs"]
         line = ", ".join(f"c({m})/c(1) {v:.2f}" for m, v in c["cost_ratio"].items() if m > 1)
         extra = f"; f {c['f']:.2f}" + (f" (dv {c['f_dv']:.2f})" if "f_dv" in c else "") if "f" in c else ""
@@ -123,19 +129,24 @@ def print_table(report: dict):
 
 def markdown(report: dict) -> str:
     """The tables docs/inference.md shows: tokens/s per entry and layout, and the step costs."""
-    layouts, ratios = report["layouts"], report["column_over_row"]
-    lines = ["| entry | row tok/s | column tok/s | column / row (best) | speedup over standard, row / column | τ | "
-             "prefill time column / row | same tokens |", "|---|---|---|---|---|---|---|---|"]
-    for name, ratio in ratios.items():
-        row, col = layouts["row"]["modes"][name], layouts["column"]["modes"][name]
-        lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {col['tokens_per_s']:.1f} | "
-                     f"**{ratio['column_over_row']:.2f}x** ({ratio['column_over_row_best']:.2f}x) | "
-                     f"{row.get('speedup', 0):.2f}x / {col.get('speedup', 0):.2f}x | {row['tau']:.2f} | "
-                     f"{ratio['prefill_column_over_row']:.2f}x | {'yes' if ratio['identical_tokens'] else 'NO'} |")
-    ms = [m for m in layouts["row"]["step_costs"]["full_s"]]
+    layouts, base = report["layouts"], report["baseline"]
+    others = [x for x in layouts if x != base]
+    lines = ["| entry | " + " | ".join(f"{x} tok/s" for x in layouts) + " | "
+             + " | ".join(f"{x} / {base} (best)" for x in others) + " | speedup over standard, "
+             + " / ".join(layouts) + " | τ | prefill time " + ", ".join(f"{x} / {base}" for x in others)
+             + " | same tokens |", "|---" * (2 * len(layouts) + len(others) + 1) + "|"]
+    for name, ratio in report["over_baseline"].items():
+        modes = {x: layouts[x]["modes"][name] for x in layouts}
+        lines.append(f"| {name} | " + " | ".join(f"{modes[x]['tokens_per_s']:.1f}" for x in layouts) + " | "
+                     + " | ".join(f"**{ratio[x]['tokens_per_s']:.2f}x** ({ratio[x]['tokens_per_s_best']:.2f}x)"
+                                  for x in others) + " | "
+                     + " / ".join(f"{modes[x].get('speedup', 0):.2f}x" for x in layouts)
+                     + f" | {modes[base]['tau']:.2f} | " + ", ".join(f"{ratio[x]['prefill_s']:.2f}x" for x in others)
+                     + f" | {'yes' if all(ratio[x]['identical_tokens'] for x in others) else 'NO'} |")
+    ms = [m for m in layouts[base]["step_costs"]["full_s"]]
     lines += ["", "| layout | " + " | ".join(f"c({m})" for m in ms) + " | " +
               " | ".join(f"c({m})/c(1)" for m in ms[1:]) + " | f (dv) |", "|---" * (2 * len(ms) + 1) + "|"]
-    for layout in LAYOUTS:
+    for layout in layouts:
         c = layouts[layout]["step_costs"]
         f = f"{c['f']:.2f} ({c['f_dv']:.2f})" if "f_dv" in c else f"{c.get('f', float('nan')):.2f}"
         lines.append(f"| {layout} | " + " | ".join(f"{1e3 * c['full_s'][m]:.1f} ms" for m in ms) + " | " +
@@ -153,7 +164,10 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if args.temperature != 0.0:
-        raise UsageError("greedy only (the check is identical output of both layouts); drop --temperature")
+        raise UsageError("greedy only (the check is identical output of every layout); drop --temperature")
+    layouts = list(dict.fromkeys(x.strip() for x in args.layouts.split(",")))
+    if len(layouts) < 2 or not set(layouts) <= set(LAYOUTS) - {"auto"}:
+        raise UsageError(f"--layouts {args.layouts}: give two or more of row, column, packed")
     resolve_draft_vocab(args)                # a file, the model's own by default, or none
     if args.prompt_corpus and not Path(args.prompt_corpus).is_file():
         raise UsageError(f"--prompt-corpus {args.prompt_corpus}: no such file")
@@ -173,17 +187,19 @@ def main(argv=None) -> int:
     args.weight_layout = "row"
     max_k = max(draft_lens)
     model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + max_k + 1)
-    models = {"row": model, "column": weight_layout.apply(copy.deepcopy(model), "column")}
-    assert [weight_layout.layout_of(models[x]) for x in LAYOUTS] == list(LAYOUTS)
+    # copies first: a packed model cannot be deep-copied (its oneDNN twins have no storage to copy)
+    models = {x: model if x == layouts[0] else copy.deepcopy(model) for x in layouts}
+    models = {x: weight_layout.apply(models[x], weight_layout.resolve(x, device, dtype)) for x in layouts}
+    assert [weight_layout.layout_of(models[x]) for x in layouts] == layouts
     # one draft vocabulary per copy: it caches its copy of the head's rows per weight
-    vocabs = {layout: load_draft_vocab(args, model) for layout in LAYOUTS}
+    vocabs = {layout: load_draft_vocab(args, model) for layout in layouts}
     prompts = make_prompts(args, model, tokenizer, args.batch_size * args.repeats)
     batches = [prompts[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.repeats)]
     todo = entries(modes, draft_lens, [False, True] if args.draft_vocab else [False])
     context = args.prompt_len + args.new_tokens // 2
     costs = {layout: StepCosts(models[layout], prompts[0], context, max_k + 1, batch=args.batch_size,
-                               draft_vocab=vocabs[layout]) for layout in LAYOUTS}
-    gens = decode_both(models, vocabs, batches, todo, args.new_tokens, args.cost_rounds, costs)
+                               draft_vocab=vocabs[layout]) for layout in layouts}
+    gens = decode_all(models, vocabs, batches, todo, args.new_tokens, args.cost_rounds, costs)
     report = {"model": description, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "prompt_len": args.prompt_len,
               "prompt_source": args.prompt_corpus or ("text" if args.prompt else "random ids"),

@@ -47,9 +47,10 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead"], default="off",
                         help="torch.compile the decode steps; reduce-overhead = CUDA graphs on a GPU (off: eager; "
                         "on a CPU compiling was measured slower, docs/inference.md)")
-    parser.add_argument("--weight-layout", choices=["auto", "row", "column"], default="auto",
-                        help="how Linear weights are stored for decoding (inference/weight_layout.py): column-major "
-                        "makes small fp32 steps on a CPU faster; auto = column for fp32 on a CPU, row otherwise")
+    parser.add_argument("--weight-layout", choices=["auto", "row", "column", "packed"], default="auto",
+                        help="how Linear weights are stored for decoding (inference/weight_layout.py): packed (oneDNN "
+                        "prepacked) makes multi-token fp32 steps on a CPU nearly as cheap as 1-token ones; auto = "
+                        "packed for fp32 on a CPU with --tp 1, column with more ranks, row otherwise")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = "1"):
@@ -144,6 +145,14 @@ def check_model_args(args):
         tp_loading.check_tp(args.model_config, args.tp)
     except tp_loading.TPError as err:
         raise UsageError(str(err)) from None
+    if args.weight_layout == "packed":      # the one layout some setups cannot store: refuse before loading
+        import torch
+
+        from inference import weight_layout
+        try:
+            weight_layout.resolve("packed", "cuda" if args.device == "cuda" else "cpu", torch.float32, args.tp)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def model_from_args(args, cache_len: int):
@@ -167,7 +176,10 @@ def model_from_args(args, cache_len: int):
     else:       # random init (any tp) and every tp > 1: this rank's shard, built directly
         model, tokenizer = tp_loading.load_shard(args.model, args.preset, args.seed, dtype, device, args.model_config)
     from inference import weight_layout
-    weight_layout.apply(model, weight_layout.resolve(args.weight_layout, device, dtype))
+    try:
+        weight_layout.apply_flag(model, args.weight_layout, device, dtype, args.tp)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     from inference.compiled import compile_steps
     compile_steps(model, args.compile)
     description = args.model if args.model else f"preset {args.preset} (random init)"

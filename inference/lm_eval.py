@@ -9,7 +9,7 @@ the lossy `recycle` mode's cost shows on real benchmarks; `loglikelihood` reques
 model (the module plays no part in a likelihood). Extra model_args: dtype=fp32|bf16, device=cpu|cuda,
 draft_len=K (verify), max_length=N (context; default the model's), draft_vocab=FILE|none (the module's token
 over a draft vocabulary in recycle and verify; default: DIR/draft_vocab.safetensors if there is one),
-weight_layout=auto|row|column (as inference.generate's --weight-layout; auto: column-major for fp32 on a CPU).
+weight_layout=auto|row|column|packed (as inference.generate's --weight-layout; auto: packed for fp32 on a CPU).
 Needs the optional extra: pip install -e ".[eval]".
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class RecycleGPTLM(TemplateLM):
             raise ModelLoadError(f"{pretrained} has no tokenizer; lm-eval needs one (export with a tokenizer)")
         if mode != "standard" and self.model.recycle is None:
             raise ValueError(f"mode={mode} needs a recyclable module, but {pretrained} has none; use mode=standard")
-        layouts.apply(self.model, layouts.resolve(weight_layout, device, torch_dtype))
+        layouts.apply_flag(self.model, weight_layout, device, torch_dtype)
         self.mode, self.draft_len = mode, int(draft_len)
         where = SimpleNamespace(model=pretrained, draft_vocab=draft_vocab)
         resolve_draft_vocab(where)

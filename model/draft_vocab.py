@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.strides import like
+from model.strides import PACKED, like, linear
 
 FILE_NAME = "draft_vocab.safetensors"
 
@@ -38,11 +38,11 @@ class DraftVocab:
         """Logits [..., V'] of the module's states over the draft vocabulary only."""
         if model.spec.tp_size > 1:      # the head is split over the vocabulary: gather, then pick (no saving)
             return model.logits(states)[..., self.token_ids]
-        weight = model.lm_head.weight
-        key = (weight.data_ptr(), weight.dtype, weight.device)
-        if key not in self._weights:    # the V' rows of W_out, copied once per model, in W_out's layout
-            self._weights = {key: like(weight.detach()[self.token_ids], weight)}
-        return torch.nn.functional.linear(states, self._weights[key])
+        head = model.lm_head
+        key = (head.weight.data_ptr(), head.weight.dtype, head.weight.device, id(getattr(head, PACKED, None)))
+        if key not in self._weights:    # the V' rows of W_out, copied once per model, stored as W_out is
+            self._weights = {key: like(head.weight.detach()[self.token_ids], head)}
+        return linear(states, *self._weights[key])
 
     def to_full(self, local_ids: torch.Tensor) -> torch.Tensor:
         return self.token_ids[local_ids]

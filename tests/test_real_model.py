@@ -47,7 +47,7 @@ def hf_logits(folder, ids):
 def our_logits(folder, ids, layout="row"):
     from inference.weight_layout import apply
     from pretrain.hf_dir import load_hf_dir
-    model = apply(load_hf_dir(folder), layout)      # column: how inference stores fp32 weights on a CPU
+    model = apply(load_hf_dir(folder), layout)      # packed: how inference stores fp32 weights on a CPU
     with torch.no_grad():
         return model.logits(model.hidden(torch.tensor([ids]))[0])
 
@@ -91,10 +91,10 @@ def test_gqa_shape_tp_cannot_split_names_valid_sizes(smollm2_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["row", "column"])
+@pytest.mark.parametrize("layout", ["row", "column", "packed"])
 def test_smollm2_import_logits_equal_transformers(smollm2_dir, layout):
     """Tied embeddings, GQA 9/3, rope_theta 1e5 from rope_parameters: the imported base is the same function,
-    with its weights stored row-major (as loaded) or column-major (--weight-layout column)."""
+    with its weights stored row-major (as loaded), column-major or oneDNN-packed (--weight-layout)."""
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(smollm2_dir)).encode("The President shall, from time to time, give "
@@ -226,18 +226,18 @@ def lm_eval_results(model, model_args, task, include):
 
 
 def test_lm_eval_model_stores_weights_like_inference_generate(tmp_path):
-    """`recyclegpt`'s weight_layout: auto is column-major for fp32 on a CPU, as inference.generate's default."""
+    """`recyclegpt`'s weight_layout: auto is oneDNN-packed for fp32 on a CPU, as inference.generate's default."""
     import shutil
 
     from inference.lm_eval import RecycleGPTLM
-    from model.strides import is_column_major
+    from inference.weight_layout import layout_of
     from tests.helpers import GPT2
 
     folder = tiny_llama_dir(tmp_path / "hf")
     for file in Path(GPT2).iterdir():
         shutil.copy(file, folder)
     auto, row = RecycleGPTLM(str(folder)), RecycleGPTLM(str(folder), weight_layout="row")
-    assert is_column_major(auto.model.lm_head.weight) and not is_column_major(row.model.lm_head.weight)
+    assert layout_of(auto.model) == "packed" and layout_of(row.model) == "row"
     torch.testing.assert_close(auto.model.lm_head.weight, row.model.lm_head.weight, rtol=0, atol=0)
     assert auto._score([1, 2, 3], [4, 5])[0] == pytest.approx(row._score([1, 2, 3], [4, 5])[0], abs=1e-4)
 
