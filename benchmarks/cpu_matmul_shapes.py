@@ -32,9 +32,9 @@ def timings(d_in: int, d_out: int, rows: list[int], reps: int, dtype: torch.dtyp
     weight = torch.randn(d_out, d_in, dtype=dtype)
     weight_col = weight.t().contiguous().t()
     xs = {m: torch.randn(1, m, d_in, dtype=dtype) for m in rows}
-    weight_packed = pack(weight)
+    weight_packed = pack(weight)            # as --weight-layout packed multiplies: column-major for one row
     kinds = {"row": lambda x: F.linear(x, weight), "column": lambda x: F.linear(x, weight_col),
-             "packed": lambda x: linear(x, weight_packed)}
+             "packed": lambda x: linear(x, weight_col, weight_packed)}
     times = {(k, m): [] for k in kinds for m in rows}
     for _ in range(reps):
         for kind, fn in kinds.items():

@@ -48,7 +48,7 @@ def test_column_layout_stores_every_linear_transposed_with_equal_values():
             assert named[name].stride() == (1, p.shape[0]), name
 
 
-def test_packed_layout_multiplies_rows_by_the_twin_and_one_row_by_the_weight():
+def test_packed_layout_multiplies_by_the_twin_but_one_row_on_one_thread_by_the_weight():
     row, packed = both_layouts("packed")
     assert weight_layout.layout_of(packed) == "packed"
     for module in weight_layout.linears(packed):          # every Linear, the LM head and the module's W_proj too
@@ -62,7 +62,9 @@ def test_packed_layout_multiplies_rows_by_the_twin_and_one_row_by_the_weight():
             if module is not packed.lm_head:              # (the head's weight is the embedding's, tied)
                 module.weight.zero_()
         torch.testing.assert_close(packed.hidden(ids), want, atol=1e-5, rtol=1e-5)    # rows: the twins
-        assert (packed.hidden(one) - want_one).abs().max() > 0.1                   # one row: the (zeroed) weight
+        assert (packed.hidden(one) - want_one).abs().max() > 0.1     # one row, one thread: the (zeroed) weight
+        torch.set_num_threads(2)                                    # (the one_thread fixture restores it)
+        torch.testing.assert_close(packed.hidden(one), want_one, atol=1e-5, rtol=1e-5)  # two threads: the twins
     again = weight_layout.apply(packed, "row")            # another layout undoes the packing
     assert weight_layout.layout_of(again) == "row" and "packed_weight" not in vars(again.lm_head)
     with torch.no_grad():
