@@ -31,8 +31,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_model_args,
-                           model_from_args, parse_draft_len, run_main, sampling_from_args)
+from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_draft_width,
+                           check_model_args, model_from_args, parse_draft_len, parse_draft_widths, run_main,
+                           sampling_from_args)
 from inference.decoding import MODES
 from inference.draft_vocab import load_draft_vocab
 
@@ -70,8 +71,9 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def entries(modes, draft_lens, with_vocab: list[bool]) -> list[dict]:
-    """The runs to compare: name, mode, draft_len (int or 'auto'), whether the draft vocabulary is used."""
+def entries(modes, draft_lens, with_vocab: list[bool], widths=(1,)) -> list[dict]:
+    """The runs to compare: name, mode, draft_len (int or 'auto'), draft_width, whether the draft vocabulary is
+    used. Widths > 1 (inference/tree_verify.py) go with k = 1 only: `verify_k1_w4`, `verify_w4` ..."""
     out = []
     for mode in modes:
         if mode != "verify":
@@ -81,8 +83,10 @@ def entries(modes, draft_lens, with_vocab: list[bool]) -> list[dict]:
         for k in draft_lens:
             for dv in with_vocab:
                 name = "verify" + ("" if len(draft_lens) == 1 else f"_k{k}" if k != "auto" else "_auto")
-                out.append({"name": name + ("_dv" if dv and len(with_vocab) > 1 else ""), "mode": "verify",
-                            "draft_len": k, "draft_vocab": dv})
+                for w in (widths if k == 1 else [1]):
+                    out.append({"name": name + (f"_w{w}" if w > 1 else "") + ("_dv" if dv and len(with_vocab) > 1
+                                                                               else ""),
+                                "mode": "verify", "draft_len": k, "draft_width": w, "draft_vocab": dv})
     return out
 
 
@@ -138,7 +142,8 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
         if k == "auto":         # from the step costs measured before the runs
             k = AutoDraftLen(base_costs["cost_ratio"], *draft_costs(base_costs, entry["draft_vocab"]))
         return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
-                              draft_vocab=draft_vocab if entry["draft_vocab"] else None)
+                              draft_vocab=draft_vocab if entry["draft_vocab"] else None,
+                              draft_width=entry.get("draft_width", 1))
 
     for entry in todo:                       # warmup: allocator, kernels, first-call overheads
         run(entry, batches[0], min(new_tokens, 8))
@@ -161,7 +166,7 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
                 used[k] = used.get(k, 0) + n
         results[entry["name"]] = {
             "mode": entry["mode"], "draft_len": max(used, key=used.get), "draft_len_auto": entry["draft_len"] == "auto",
-            "draft_lens_used": used, "draft_vocab": bool(entry["draft_vocab"]),
+            "draft_lens_used": used, "draft_width": entry.get("draft_width", 1), "draft_vocab": bool(entry["draft_vocab"]),
             "temperature": sampling.temperature, "batch_size": len(batches[0]),
             "tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
             "tau": tokens / forwards, "tau_cycle": (tokens - len(stats)) / max(forwards - len(stats), 1),
@@ -179,7 +184,9 @@ def compare(results: dict, costs: dict, greedy: bool):
     std = results.get("standard")
     for res in results.values():
         if res["mode"] == "verify":
-            cost = cycle_cost(res["draft_len"], costs["cost_ratio"], *draft_costs(costs, res["draft_vocab"]))
+            # a width-W cycle: one full step over 1 + W tokens, then the module's one step, as k = 1
+            ratio = costs["cost_ratio"] if res["draft_width"] == 1 else {2: costs["cost_ratio"][1 + res["draft_width"]]}
+            cost = cycle_cost(res["draft_len"], ratio, *draft_costs(costs, res["draft_vocab"]))
             res["predicted_speedup"] = res["tau_cycle"] / cost
         elif res["mode"] == "recycle" and "recycle_bound" in costs:
             res["predicted_speedup"] = costs["recycle_bound_dv" if res["draft_vocab"] else "recycle_bound"]
@@ -264,6 +271,11 @@ def main(argv=None) -> int:
     modes = parse_modes(args.modes)
     draft_lens = list(dict.fromkeys(parse_draft_len(t.strip(), args.max_draft_len) for t in args.draft_len.split(",")))
     sampling = sampling_from_args(args)
+    widths = parse_draft_widths(args.draft_width)
+    if max(widths) > 1:
+        if 1 not in draft_lens:
+            raise UsageError(f"--draft-width {args.draft_width}: widths > 1 go with --draft-len 1; add 1 to --draft-len")
+        check_draft_width(max(widths), "verify", 1, args.batch_size, sampling)
     for name in ("prompt_len", "new_tokens", "repeats", "batch_size", "cost_rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
@@ -285,7 +297,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_k = max([k for k in draft_lens if k != "auto"] + [args.max_draft_len if "auto" in draft_lens else 1])
+    max_k = max([k for k in draft_lens if k != "auto"] + [args.max_draft_len if "auto" in draft_lens else 1]
+                + widths)                           # step costs up to c(1 + max(k, W))
     model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + max_k + 1)
     try:
         return benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, tokenizer, device, dtype,
@@ -329,7 +342,7 @@ def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, to
     prompts = make_prompts(args, model, tokenizer, args.batch_size * args.repeats)
     batches = [prompts[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.repeats)]
     with_vocab = [False, True] if args.compare_draft_vocab else [draft_vocab is not None]
-    todo = entries(modes, draft_lens, with_vocab)
+    todo = entries(modes, draft_lens, with_vocab, parse_draft_widths(args.draft_width))
     context = args.prompt_len + args.new_tokens // 2                          # the mid-generation length
     costs = StepCosts(model, prompts[0], context, max_k + 1, batch=args.batch_size, draft_vocab=draft_vocab)
     costs.sample(min(10, args.cost_rounds))  # before the runs: what --draft-len auto decides from

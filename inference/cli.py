@@ -59,6 +59,9 @@ def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = 
                         help="tokens the module drafts per verify cycle (1 = one; auto: chosen from measured "
                         "step costs and acceptance)")
     parser.add_argument("--max-draft-len", type=int, default=4, metavar="K", help="upper limit for --draft-len auto")
+    parser.add_argument("--draft-width", default="1", metavar="W", help="verify with --draft-len 1, greedy, batch 1: "
+                        "check the module's W most likely tokens side by side in one full forward (a depth-1 token "
+                        "tree, inference/tree_verify.py); the benchmark takes a comma-separated list")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, "
                         "losslessly in standard and verify")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
@@ -70,6 +73,27 @@ def add_draft_vocab_arg(parser: argparse.ArgumentParser):
     parser.add_argument("--draft-vocab", metavar="FILE|none", help="draft_vocab.safetensors (python -m "
                         "inference.draft_vocab): the module drafts over these tokens only; default: the model "
                         "directory's own draft_vocab.safetensors if it has one, none: the whole vocabulary")
+
+
+def parse_draft_widths(text: str) -> list[int]:
+    """--draft-width W or W1,W2,...: ints >= 1, duplicates dropped."""
+    try:
+        widths = list(dict.fromkeys(int(t) for t in str(text).split(",")))
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise UsageError(f"--draft-width {text!r}: give an int >= 1 (or a comma-separated list in the benchmark)")
+    return widths
+
+
+def check_draft_width(width: int, mode: str, draft_len, batch: int, sampling):
+    """inference.decoding's rule for --draft-width, as a usage error before any model is loaded."""
+    from inference.decoding import DecodingError, check_width
+
+    try:
+        check_width(width, mode, draft_len, batch, sampling)
+    except DecodingError as err:
+        raise UsageError(str(err)) from None
 
 
 def parse_draft_len(text: str, max_draft_len: int):

@@ -33,6 +33,7 @@ from inference.drafting import decode_verify
 from inference.rows import (  # noqa: F401  (DecodeStats, Generation: part of the API)
     BatchGeneration, DecodeStats, Generation, Rows, module_choice, module_prefill, prefill)
 from inference.sampling import GREEDY, Sampler, Sampling
+from inference.tree_verify import decode_verify_width
 
 MODES = ("standard", "recycle", "verify")
 LOSSLESS = ("standard", "verify")
@@ -77,13 +78,15 @@ def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int,
 @torch.inference_mode()
 def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
                    *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None,
-                   max_auto_draft_len: int = 4) -> BatchGeneration:
+                   max_auto_draft_len: int = 4, draft_width: int = 1) -> BatchGeneration:
     """Continue several prompts (lists of ids) in one batch; each row's tokens equal its batch-1 tokens
     (greedy, fp32). `draft_len`: tokens the module drafts per verify cycle, 'auto' (measure the step costs
     now, then pick k <= max_auto_draft_len per cycle), or a policy from inference.draft_policy;
-    `draft_vocab`: an inference.draft_vocab.DraftVocab for the module's logits (verify and recycle)."""
+    `draft_vocab`: an inference.draft_vocab.DraftVocab for the module's logits (verify and recycle);
+    `draft_width`: verify's W most likely first drafts checked side by side (inference/tree_verify.py)."""
     prompts = [_prompt_list(p) for p in prompts]
     check_request(model, mode, [len(p) for p in prompts], max_new_tokens, sampling)
+    check_width(draft_width, mode, draft_len, len(prompts), sampling)
     if isinstance(draft_len, (FixedDraftLen, AutoDraftLen)):
         policy = draft_len
     elif draft_len == "auto":
@@ -107,12 +110,14 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
                   if mode == "verify" else FixedDraftLen(1))
     max_k = policy.max_k if isinstance(policy, AutoDraftLen) else policy.k
     # Room for verify's drafts past the last emitted token before it knows which to keep.
-    cache_len = max(len(p) for p in prompts) + max_new_tokens + max_k + 1
+    cache_len = max(len(p) for p in prompts) + max_new_tokens + max(max_k, draft_width) + 1
     caches = model.new_caches(len(prompts), cache_len, device=device)
     rows = Rows(prompts, mode, max_new_tokens, eos_id, Sampler(sampling, device), max_k, device)
     start = time.perf_counter()
     try:
-        if mode == "verify":
+        if mode == "verify" and draft_width > 1:
+            forwards = decode_verify_width(model, rows, caches, draft_width, draft_vocab, start)
+        elif mode == "verify":
             forwards = decode_verify(model, rows, caches, policy, draft_vocab, start)
         else:
             forwards = _DECODERS[mode](model, rows, caches, draft_vocab, start)
@@ -126,8 +131,21 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     for b, s in enumerate(rows.stats):
-        s.seconds, s.new_tokens = seconds, len(rows.tokens[b])
+        s.seconds, s.new_tokens, s.draft_width = seconds, len(rows.tokens[b]), draft_width
     return BatchGeneration([Generation(t, s) for t, s in zip(rows.tokens, rows.stats)], seconds, forwards)
+
+
+def check_width(width, mode: str, draft_len, batch: int, sampling: Sampling):
+    if not isinstance(width, int) or width < 1:
+        raise DecodingError(f"draft_width={width!r} must be an int >= 1 (1 = one candidate per drafted token)")
+    if width == 1:
+        return
+    problem = ("it applies to mode verify only" if mode != "verify" else
+               "it needs --draft-len 1 (a tree of depth 1)" if draft_len != 1 else
+               "it decodes one prompt at a time (batch 1)" if batch != 1 else
+               "it is greedy only (--temperature 0)" if not sampling.greedy else None)
+    if problem:
+        raise DecodingError(f"--draft-width {width}: {problem}; or use --draft-width 1")
 
 
 def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft_vocab=None) -> AutoDraftLen:

@@ -128,6 +128,32 @@ class RecycleGPT(nn.Module):
     def base_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.hidden(input_ids, cache.positions, cache)
 
+    def tree_step(self, input_ids: torch.Tensor, cache: KVCache, parents: list[int]) -> torch.Tensor:
+        """base_step over a tree of new tokens (tree attention, as Medusa and EAGLE-2 verify): token j's parent is
+        new token parents[j] (-1: the last cached one); it sits one position after its parent and attends to the
+        cache and its own ancestors only. Writes slots length .. length+T-1 in token order (the caller keeps one
+        branch: KVCache.move_slot, rollback). One cache length for all rows."""
+        depth = []
+        for parent in parents:
+            if not -1 <= parent < len(depth):
+                raise ValueError(f"tree parents {parents}: each must be -1 or an earlier token's index")
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+        past, T = cache.length, len(parents)
+        see = torch.zeros(T, past + T, dtype=torch.bool, device=input_ids.device)
+        see[:, :past] = True
+        for j, parent in enumerate(parents):
+            see[j, past + j] = True
+            if parent >= 0:
+                see[j, past:past + T] |= see[parent, past:past + T]
+        x = self.embedding(input_ids)
+        cos, sin = self.rotary.at([past + d for d in depth])
+        cache.step_mask = see[None, None]
+        try:
+            x = run_stack(self.layers, x, cos, sin, cache, False)
+        finally:
+            cache.step_mask = None
+        return self.final_norm(x)
+
     def module_step(self, h: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.recycle_hidden(h, next_ids, cache.positions, cache)
 

@@ -24,6 +24,7 @@ class KVCache:
         self.max_len, self.device = max_len, device
         self.lengths = [0] * batch
         self.uniform = True
+        self.step_mask = None        # [B, 1, M, end] for the next step only, set by GPT.tree_step
 
     @property
     def length(self) -> int:
@@ -69,7 +70,10 @@ class KVCache:
         return self._index
 
     def attention_mask(self, M: int) -> torch.Tensor | None:
-        """`causal_mask(M)` for ragged rows; None when the rows agree (plain causal attention)."""
+        """The step's own mask (a token tree, `GPT.tree_step`); else `causal_mask(M)` for ragged rows; None when
+        the rows agree (plain causal attention)."""
+        if self.step_mask is not None:
+            return self.step_mask
         return None if self.uniform else self.causal_mask(M)
 
     def causal_mask(self, M: int) -> torch.Tensor:
@@ -82,6 +86,14 @@ class KVCache:
             self._mask = (keys[None, None, :] <= query_pos[:, :, None])[:, None]    # [B, 1, M, end]
             self._mask_for = (tuple(self.lengths), M)
         return self._mask
+
+    def move_slot(self, source: int, target: int):
+        """Copy every layer's key/value slot `source` to `target` (all rows): a token tree keeps its accepted
+        branch, which must sit at the slot of its position."""
+        if source != target:
+            for keys, values in zip(self.keys, self.values):
+                keys[:, :, target] = keys[:, :, source]
+                values[:, :, target] = values[:, :, source]
 
     def advance(self, n: int):
         self._set([length + n for length in self.lengths])

@@ -86,6 +86,15 @@ class Rotary(nn.Module):
         return self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1)
 
 
+    def at(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [T, hd] for arbitrary positions, one per new token (a token tree: siblings share one)."""
+        if max(positions) >= self.max_positions:
+            raise ValueError(f"position {max(positions)} exceeds the rotary table ({self.max_positions} "
+                             "positions); raise model.max_seq_len")
+        index = torch.tensor(positions, device=self.cos.device)
+        return self.cos[index], self.sin[index]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, heads, T, hd]; cos/sin: [T, hd]
     half = x.shape[-1] // 2
