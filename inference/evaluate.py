@@ -12,6 +12,8 @@ Teacher-forced, over --tokens tokens in windows of --window:
                         what `verify` accepts), overall and per position bucket (`accuracy_by_position`)
     tau_predicted       verify's tokens per full forward if every draft were accepted independently with that
                         rate a: (1 - a^(k+1)) / (1 - a) for --draft-len k (1 + a for k = 1)
+    acceptance_by_width how often one of the module's top W tokens is the full model's argmax, W = 1, 2, 4, 8:
+                        what `verify --draft-width W` accepts (its tau is 1 + that rate)
 Decoded, on --prompts prompts of --prompt-len tokens drawn from the text, --new-tokens greedy tokens each:
     tau_measured        verify's new tokens / full forwards (prefill included), over all prompts
     recycle_nll_gap     the full model's mean NLL of `recycle` continuations minus that of `standard` ones
@@ -32,6 +34,7 @@ from inference.cli import (OneLineArgumentParser, UsageError, add_draft_vocab_ar
                            model_from_args, resolve_draft_vocab, run_main)
 
 BUCKETS = (0, 8, 32, 128, 512, 2048)    # position-in-window bucket edges (lower bounds)
+WIDTHS = (1, 2, 4, 8)                    # --draft-width values whose acceptance the JSON reports
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -136,11 +139,12 @@ def teacher_forced(model, pieces: list[list[int]], device, draft_vocab=None) -> 
     import torch
     import torch.nn.functional as F
 
-    from inference.rows import module_top1
+    from inference.tree_verify import top_tokens
 
     nll_sum, nll_count = 0.0, 0
     hits = {b: [0, 0] for b in BUCKETS}
     corpus_hits = [0, 0]
+    width_hits = {w: 0 for w in WIDTHS}
     with torch.inference_mode():
         for piece in pieces:
             ids = torch.tensor([piece], dtype=torch.long, device=device)
@@ -151,8 +155,11 @@ def teacher_forced(model, pieces: list[list[int]], device, draft_vocab=None) -> 
             if model.recycle is None:
                 continue
             g = model.recycle_hidden(h[:, :-1], ids[:, 1:])             # g_i reads x_{i+1}, predicts x_{i+2}
-            guess = module_top1(model, g[0], draft_vocab)[:-1]          # positions 0 .. T-3
+            top = top_tokens(model, g[0], max(WIDTHS), draft_vocab)[:-1]   # positions 0 .. T-3, best first
+            guess = top[:, 0]
             base_next = logits.argmax(-1)[1:-1]                         # base's argmax at i+1 (verify's check)
+            for w in WIDTHS:
+                width_hits[w] += int((top[:, :w] == base_next[:, None]).any(-1).sum())
             agree = (guess == base_next).tolist()
             corpus_hits[0] += int((guess == ids[0, 2:]).sum())
             corpus_hits[1] += len(agree)
@@ -166,6 +173,7 @@ def teacher_forced(model, pieces: list[list[int]], device, draft_vocab=None) -> 
             "base_ppl": math.exp(min(nll_sum / max(nll_count, 1), 50.0)),
             "acceptance_rate": acc_total / n_total if n_total else None,
             "module_corpus_accuracy": corpus_hits[0] / corpus_hits[1] if corpus_hits[1] else None,
+            "acceptance_by_width": {str(w): h / corpus_hits[1] for w, h in width_hits.items()} if corpus_hits[1] else None,
             "accuracy_by_position": [{"positions": f"{b}-{_bucket_end(b)}", "accuracy": h[0] / h[1], "count": h[1]}
                                      for b, h in hits.items() if h[1]]}
 

@@ -25,11 +25,12 @@ from inference.drafting import DraftDepths, verified_texts
 from inference.rows import Rows, prefill
 
 
-def candidates(model, g: torch.Tensor, width: int, draft_vocab=None) -> list[int]:
-    """The module's `width` most likely tokens (full-vocabulary ids) for one state g [d], best first."""
+def top_tokens(model, g: torch.Tensor, width: int, draft_vocab=None) -> torch.Tensor:
+    """The module's `width` most likely tokens (full-vocabulary ids) for states g [..., d]: [..., width], best
+    first, over the whole or the draft vocabulary (inference.evaluate reports how often each width hits)."""
     logits = model.logits(g) if draft_vocab is None else draft_vocab.logits(model, g)
     top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices
-    return (top if draft_vocab is None else draft_vocab.to_full(top)).tolist()
+    return top if draft_vocab is None else draft_vocab.to_full(top)
 
 
 def decode_verify_width(model, rows: Rows, caches, width: int, draft_vocab, start: float) -> int:
@@ -45,7 +46,7 @@ def decode_verify_width(model, rows: Rows, caches, width: int, draft_vocab, star
     while not rows.all_done:
         text = verified_texts(rows)[0]
         n = len(text) - 1                                           # the position of `last`
-        drafts = candidates(model, depths.state_at(1, [n - 1])[0], width, draft_vocab)
+        drafts = top_tokens(model, depths.state_at(1, [n - 1])[0], width, draft_vocab).tolist()
         h = model.tree_step(rows.tensor([[text[-1]] + drafts]), base_cache, [-1] + [0] * len(drafts))
         rows.count_full_forward()
         forwards += 1

@@ -120,3 +120,18 @@ def test_benchmark_reports_each_width(tmp_path):
     with pytest.raises(UsageError, match="widths > 1 go with --draft-len 1"):
         benchmark.main(["--preset", "tiny", "--random-init", "--draft-len", "2", "--draft-width", "3",
                         "--output", str(out)])
+
+
+def test_evaluate_reports_the_acceptance_of_each_width():
+    """inference.evaluate's `acceptance_by_width`: how often one of the module's top W tokens is the full
+    model's own next argmax, teacher-forced; W = 1 is `acceptance_rate` itself, and wider can only hit more."""
+    from inference.evaluate import WIDTHS, teacher_forced
+
+    model = mirror_module(random_model(seed=3)).eval()
+    pieces = [PROMPTS[3], PROMPTS[2] * 3]
+    result = teacher_forced(model, pieces, "cpu")
+    by_width = result["acceptance_by_width"]
+    assert list(by_width) == [str(w) for w in WIDTHS]
+    assert by_width["1"] == pytest.approx(result["acceptance_rate"])
+    assert all(a <= b for a, b in zip(list(by_width.values()), list(by_width.values())[1:]))
+    assert by_width["8"] > by_width["1"]
