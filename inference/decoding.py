@@ -158,10 +158,10 @@ def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft
 
 
 def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
-             *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None) -> Generation:
+             *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None, draft_width: int = 1) -> Generation:
     """Continue one prompt (list of ids, or a [P] / [1, P] tensor); see generate_batch."""
     return generate_batch(model, [_prompt_list(prompt_ids)], mode, max_new_tokens, eos_id, draft_len=draft_len,
-                          sampling=sampling, draft_vocab=draft_vocab).rows[0]
+                          sampling=sampling, draft_vocab=draft_vocab, draft_width=draft_width).rows[0]
 
 
 def greedy_generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64,

@@ -8,7 +8,7 @@ import torch
 
 from inference import benchmark
 from inference.cli import UsageError, check_draft_width, parse_draft_widths
-from inference.decoding import DecodingError, generate_batch
+from inference.decoding import DecodingError, generate, generate_batch
 from inference.sampling import GREEDY, Sampling
 from model.draft_vocab import DraftVocab
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
@@ -75,6 +75,7 @@ def test_wider_drafts_are_lossless_and_accept_more(with_vocab):
                 assert row.tokens == std, (prompt, new_tokens, width)
                 assert row.stats.draft_width == width and row.stats.tau >= 1
                 accepted[width] = accepted.get(width, 0) + row.stats.accepted
+        assert generate(model, prompt, "verify", 40, draft_width=3).tokens == std        # the one-prompt API
         eos = std[len(std) // 2]                            # stop at a token inside the run
         want = generate_batch(model, [prompt], "standard", 40, eos_id=eos).rows[0].tokens
         assert generate_batch(model, [prompt], "verify", 40, eos_id=eos, draft_width=4,
