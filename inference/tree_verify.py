@@ -1,11 +1,12 @@
 """`verify --draft-width W`: the module's W most likely tokens verified side by side in one full forward.
 
 A drafted token is accepted when it equals the full model's own next token, so the chance that one of the
-module's top W tokens is it (its top-W accuracy) is what a cycle can gain: on SmolLM2 + the recipe's module,
-held-out Brown, teacher-forced, top-1 34.6 %, top-2 45.9 %, top-4 55.8 %, top-8 63.9 %. Where a step of
-1 + W tokens costs about what a 1-token one does (packed weights on a CPU, a GPU at batch 1), checking W
-candidates instead of one is nearly free. This is a depth-1 token tree (Medusa, EAGLE-2 verify trees),
-greedy and batch 1, the drafting side of `verify` k = 1 unchanged (inference/drafting.py):
+module's top W tokens is it (its top-W accuracy) is what a cycle can gain: on SmolLM2 + the step-1800 variant
+module, held-out Brown, teacher-forced, top-1 35.8 %, top-2 47.1 %, top-4 56.6 %, top-8 64.5 %
+(inference.evaluate's `acceptance_by_width`). Where a step of 1 + W tokens costs about what a 1-token one does
+(packed weights on a CPU, a GPU at batch 1), checking W candidates instead of one is nearly free. This is a
+depth-1 token tree (Medusa, EAGLE-2 verify trees), greedy and batch 1, the drafting side of `verify` k = 1
+unchanged (inference/drafting.py):
 
 One cycle, with the base cache holding x_0 .. x_{n-1} and `last` = x_n emitted but not yet seen:
 1. Draft. The depth-1 state g_{n-1} (already computed by the previous cycle's catch-up) gives the module's
