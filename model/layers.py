@@ -73,24 +73,23 @@ class Rotary(nn.Module):
             self._build(self.cos.device)
         return self
 
-    def forward(self, start: int | list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for positions start .. start+length-1: [length, hd], or [B, 1, length, hd] when `start`
-        is one int per batch row (rows of a ragged cache). Plain ints: no device sync while decoding."""
-        last = (start if isinstance(start, int) else max(start)) + length - 1
+    def _check(self, last: int):
         if last >= self.max_positions:
             raise ValueError(f"position {last} exceeds the rotary table ({self.max_positions} "
                              "positions); raise model.max_seq_len")
+
+    def forward(self, start: int | list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start+length-1: [length, hd], or [B, 1, length, hd] when `start`
+        is one int per batch row (rows of a ragged cache). Plain ints: no device sync while decoding."""
+        self._check((start if isinstance(start, int) else max(start)) + length - 1)
         if isinstance(start, int):
             return self.cos[start:start + length], self.sin[start:start + length]
         index = torch.tensor(start, device=self.cos.device)[:, None] + torch.arange(length, device=self.cos.device)
         return self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1)
 
-
     def at(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables [T, hd] for arbitrary positions, one per new token (a token tree: siblings share one)."""
-        if max(positions) >= self.max_positions:
-            raise ValueError(f"position {max(positions)} exceeds the rotary table ({self.max_positions} "
-                             "positions); raise model.max_seq_len")
+        self._check(max(positions))
         index = torch.tensor(positions, device=self.cos.device)
         return self.cos[index], self.sin[index]
 
