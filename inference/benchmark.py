@@ -78,7 +78,8 @@ def entries(modes, draft_lens, with_vocab: list[bool], widths=(1,)) -> list[dict
     for mode in modes:
         if mode != "verify":
             # recycle drafts over the draft vocabulary when one is given (and not being compared)
-            out.append({"name": mode, "mode": mode, "draft_len": 1, "draft_vocab": mode == "recycle" and with_vocab == [True]})
+            out.append({"name": mode, "mode": mode, "draft_len": 1, "draft_width": 1,
+                        "draft_vocab": mode == "recycle" and with_vocab == [True]})
             continue
         for k in draft_lens:
             for dv in with_vocab:
@@ -143,7 +144,7 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
             k = AutoDraftLen(base_costs["cost_ratio"], *draft_costs(base_costs, entry["draft_vocab"]))
         return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
                               draft_vocab=draft_vocab if entry["draft_vocab"] else None,
-                              draft_width=entry.get("draft_width", 1))
+                              draft_width=entry["draft_width"])
 
     for entry in todo:                       # warmup: allocator, kernels, first-call overheads
         run(entry, batches[0], min(new_tokens, 8))
@@ -166,7 +167,7 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
                 used[k] = used.get(k, 0) + n
         results[entry["name"]] = {
             "mode": entry["mode"], "draft_len": max(used, key=used.get), "draft_len_auto": entry["draft_len"] == "auto",
-            "draft_lens_used": used, "draft_width": entry.get("draft_width", 1), "draft_vocab": bool(entry["draft_vocab"]),
+            "draft_lens_used": used, "draft_width": entry["draft_width"], "draft_vocab": bool(entry["draft_vocab"]),
             "temperature": sampling.temperature, "batch_size": len(batches[0]),
             "tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
             "tau": tokens / forwards, "tau_cycle": (tokens - len(stats)) / max(forwards - len(stats), 1),
@@ -184,9 +185,8 @@ def compare(results: dict, costs: dict, greedy: bool):
     std = results.get("standard")
     for res in results.values():
         if res["mode"] == "verify":
-            # a width-W cycle: one full step over 1 + W tokens, then the module's one step, as k = 1
-            ratio = costs["cost_ratio"] if res["draft_width"] == 1 else {2: costs["cost_ratio"][1 + res["draft_width"]]}
-            cost = cycle_cost(res["draft_len"], ratio, *draft_costs(costs, res["draft_vocab"]))
+            cost = cycle_cost(res["draft_len"], costs["cost_ratio"], *draft_costs(costs, res["draft_vocab"]),
+                              width=res["draft_width"])
             res["predicted_speedup"] = res["tau_cycle"] / cost
         elif res["mode"] == "recycle" and "recycle_bound" in costs:
             res["predicted_speedup"] = costs["recycle_bound_dv" if res["draft_vocab"] else "recycle_bound"]
@@ -271,10 +271,11 @@ def main(argv=None) -> int:
     modes = parse_modes(args.modes)
     draft_lens = list(dict.fromkeys(parse_draft_len(t.strip(), args.max_draft_len) for t in args.draft_len.split(",")))
     sampling = sampling_from_args(args)
-    widths = parse_draft_widths(args.draft_width)
+    args.draft_width = widths = parse_draft_widths(args.draft_width)       # parsed once: a list from here on
     if max(widths) > 1:
         if 1 not in draft_lens:
-            raise UsageError(f"--draft-width {args.draft_width}: widths > 1 go with --draft-len 1; add 1 to --draft-len")
+            raise UsageError(f"--draft-width {','.join(map(str, widths))}: widths > 1 go with --draft-len 1; add 1 to "
+                             "--draft-len")
         check_draft_width(max(widths), "verify", 1, args.batch_size, sampling)
     for name in ("prompt_len", "new_tokens", "repeats", "batch_size", "cost_rounds"):
         if getattr(args, name) < 1:
@@ -342,7 +343,7 @@ def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, to
     prompts = make_prompts(args, model, tokenizer, args.batch_size * args.repeats)
     batches = [prompts[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.repeats)]
     with_vocab = [False, True] if args.compare_draft_vocab else [draft_vocab is not None]
-    todo = entries(modes, draft_lens, with_vocab, parse_draft_widths(args.draft_width))
+    todo = entries(modes, draft_lens, with_vocab, args.draft_width)
     context = args.prompt_len + args.new_tokens // 2                          # the mid-generation length
     costs = StepCosts(model, prompts[0], context, max_k + 1, batch=args.batch_size, draft_vocab=draft_vocab)
     costs.sample(min(10, args.cost_rounds))  # before the runs: what --draft-len auto decides from

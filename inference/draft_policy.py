@@ -31,9 +31,10 @@ def draft_costs(costs: dict, over_draft_vocab: bool) -> tuple[float, float]:
     return costs["f_dv" if over_draft_vocab else "f"], costs["f_refresh"]
 
 
-def cycle_cost(k: int, cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0) -> float:
-    """cost(k) in units of c(1); cost_ratio[M] = c(M)/c(1)."""
-    return cost_ratio[k + 1] + k * f + (k - 1) * f_refresh
+def cycle_cost(k: int, cost_ratio: dict[int, float], f: float, f_refresh: float = 0.0, width: int = 1) -> float:
+    """cost(k) in units of c(1); cost_ratio[M] = c(M)/c(1). With `width` W (k = 1, inference/tree_verify.py) the
+    full step checks W first drafts side by side: 1 + k + W - 1 tokens."""
+    return cost_ratio[k + width] + k * f + (k - 1) * f_refresh
 
 
 def predicted_speedup(acceptance: list[float], k: int, cost_ratio: dict[int, float], f: float,

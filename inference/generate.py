@@ -78,7 +78,8 @@ def _main(argv, text_out) -> int:
     widths = parse_draft_widths(args.draft_width)
     if len(widths) > 1:
         raise UsageError(f"--draft-width {args.draft_width}: give one width here (the benchmark compares several)")
-    check_draft_width(widths[0], args.mode, draft_len, len(texts), sampling)
+    args.draft_width = widths[0]                                            # parsed once: an int from here on
+    check_draft_width(args.draft_width, args.mode, draft_len, len(texts), sampling)
     check_model_args(args)
 
     from inference import tp_loading
@@ -107,7 +108,7 @@ def generate(args, model, tokenizer, texts, draft_len, sampling, text_out) -> in
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     out = generate_batch(model, prompts, args.mode, args.max_new_tokens, eos_id=eos, draft_len=draft_len,
                          sampling=sampling, draft_vocab=load_draft_vocab(args, model),
-                         max_auto_draft_len=args.max_draft_len, draft_width=int(args.draft_width))
+                         max_auto_draft_len=args.max_draft_len, draft_width=args.draft_width)
     if not tp_loading.is_rank0():
         return 0
     blocks = [tokenizer.decode(p + row.tokens, skip_special_tokens=True) for p, row in zip(prompts, out.rows)]

@@ -136,3 +136,13 @@ def test_evaluate_reports_the_acceptance_of_each_width():
     assert by_width["1"] == pytest.approx(result["acceptance_rate"])
     assert all(a <= b for a, b in zip(list(by_width.values()), list(by_width.values())[1:]))
     assert by_width["8"] > by_width["1"]
+
+
+def test_a_wide_cycle_costs_one_full_step_over_one_plus_w_tokens():
+    """The benchmark's predicted speedup for width W: one full step of 1 + W tokens and the module's one step."""
+    from inference.draft_policy import cycle_cost
+
+    ratio = {2: 1.1, 3: 1.2, 4: 1.3, 5: 1.5}
+    assert cycle_cost(1, ratio, 0.1) == pytest.approx(1.2)                  # k = 1: c(2) + f
+    assert cycle_cost(1, ratio, 0.1, 0.05, width=3) == pytest.approx(1.4)   # c(4) + f
+    assert cycle_cost(2, ratio, 0.1, 0.05) == pytest.approx(1.45)           # c(3) + 2 f + f_refresh
