@@ -3,24 +3,26 @@
 A Linear weight W is [out, in]; a checkpoint loads it row-major. `column` stores the same tensor column-major
 (`W.t().contiguous().t()`: equal values, equal shape, strides (1, out)), so `F.linear(x, W)` reads W as the
 contiguous [in, out] matrix of `x @ W^T`. `packed` stores W column-major and gives each Linear a oneDNN
-prepacked twin that its forward multiplies inputs of 2+ rows by (model/strides.py, the storage rule itself). Which one is faster is the CPU kernel's
-business, measured by `benchmarks/cpu_matmul_shapes.py` and, on the real model, `benchmarks/weight_layout.py`
-(docs/inference.md, "Weight layout on a CPU"), with torch 2.13 on the 2-core EPYC in fp32:
+prepacked twin that its forward multiplies by (model/strides.py, the storage rule itself). Which one is
+faster is the CPU kernel's business, measured by `benchmarks/cpu_matmul_shapes.py` and, on the real model,
+`benchmarks/weight_layout.py` (docs/inference.md, "Weight layout on a CPU"), with torch 2.13 on the 2-core EPYC
+in fp32:
 - row: the MKL kernels for 2-3 rows are slow (a 2-token step cost ~2x a 1-token one);
 - column: a 1-token step ~1.3x faster than row, but a step of k + 1 tokens still costs ~(k + 1)/2 1-token ones;
-- packed: oneDNN's prepacked kernels read each weight once for 2-5 rows, so a step of 2 tokens costs ~1.2x a
-  1-token one and a step of 3-4 tokens less than one (measured on the real model), and a 64-token prefill is
-  ~1.3x faster; for one row they are ~1.2x slower than column's, so 1-row products keep the column-major weight.
-  The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every Linear
-  weight in memory, and megatron's tensor-parallel linears have no packed path.
+- packed: oneDNN's prepacked kernels read each weight once for a few rows (2-3 rows are padded to the 4 the
+  twin was packed for), so a step of 2-4 tokens of SmolLM2 costs 1.13-1.14 1-token steps on one thread and
+  1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row on one thread oneDNN is ~1.2x
+  slower than column's kernel (on two, ~1.25x faster), so a 1-row product on one thread keeps the column-major
+  weight. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
+  Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
 In bf16 row-major is best (its oneDNN kernels are already flat in the row count; the column-major LM head is
 ~1.4x slower). So `auto` is `packed` for fp32 on a CPU with one tensor-parallel rank (`column` with more) and `row`
 everywhere else (CUDA, bf16/fp16).
 
 Applied once, after loading (inference/cli.py `model_from_args`), to every Linear of the model: the decoder
-layers, the recyclable module and the LM head, plain or tensor-parallel. Embeddings stay row-major (they are
-read by row). Training never sees it. The draft vocabulary's copy of the LM head rows follows the head's
-layout (model/strides.py `like`).
+layers, the recyclable module and the LM head, plain or tensor-parallel (packed: plain only). Embeddings stay
+row-major (they are read by row). Training never sees it. The draft vocabulary's copy of the LM head rows
+follows the head's layout (model/strides.py `like`).
 """
 from __future__ import annotations
 
