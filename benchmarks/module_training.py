@@ -17,7 +17,13 @@ functions this reuses; CPU: one thread and the process CPU-time clock):
   depth2_base    target=base and train_depth=2: configs/smollm2-recycle.yaml's step before the two below
   bf16_base      depth2_base with recycle.base_bf16 (the frozen base's forward under bf16 autocast)
   draft_vocab    depth2_base with recycle.draft_vocab=--draft-vocab (the module's head and loss over V' tokens)
-  recipe         both: today's configs/smollm2-recycle.yaml step
+  recipe_v4      both, as the v4 recipe ran them: the base's forward under bf16 autocast, its logits over the
+                 whole vocabulary and its own cross-entropy computed (the plain forward, which validation runs)
+  teacher_autocast   recipe_v4 with the teacher pass (model/frozen_base.py): logits over the draft rows only, no
+                 base cross-entropy; bf16 still by autocast
+  teacher        the teacher pass on bf16 copies of the base's weights
+  recipe         today's configs/smollm2-recycle.yaml step: teacher, and the module's step under bf16 autocast
+                 (recycle.module_bf16)
 
 --like RUN_DIR takes the model shapes (not the weights: speed does not depend on them) from a run's config,
 e.g. the imported SmolLM2-135M, whose 49152-token head is where a draft vocabulary pays most.
@@ -42,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.train_throughput import make_batches, measure, train_section  # noqa: E402
 from model.config import PRESETS, preset  # noqa: E402
+from model.frozen_base import FrozenBase  # noqa: E402
 
 DEPTH2_BASE = {"target": "base", "train_depth": 2}
 CONFIGS = {"before": {}, "after": {}, "target_base": {"target": "base"}, "depth2": {"train_depth": 2},
            "depth2_base": DEPTH2_BASE, "bf16_base": {**DEPTH2_BASE, "base_bf16": True},
-           "draft_vocab": {**DEPTH2_BASE, "draft_vocab": True}, "recipe": {**DEPTH2_BASE, "base_bf16": True,
-                                                                              "draft_vocab": True}}
+           "draft_vocab": {**DEPTH2_BASE, "draft_vocab": True}}
+RECIPE = {**DEPTH2_BASE, "base_bf16": True, "draft_vocab": True}
+CONFIGS.update(recipe_v4=RECIPE, teacher_autocast=RECIPE, teacher=RECIPE, recipe={**RECIPE, "module_bf16": True})
 
 
 def parse_args(argv=None):
@@ -117,6 +125,10 @@ def build(name: str, args, run_dir: str):
     model = rt.engine.module
     if name == "before":
         model.forward = legacy_forward.__get__(model)
+    if name == "recipe_v4":
+        model.frozen = None          # the plain forward
+    elif name == "teacher_autocast":
+        model.frozen = FrozenBase(bf16=True, copy_weights=False)
 
     def step(batch):
         out = rt.train_batch([batch])

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.frozen_base import FrozenBase
 from model.kv_cache import KVCache
 from model.layers import DecoderLayer, RMSNorm, Rotary, run_stack
 from model.objective import RecycleObjective
@@ -53,7 +54,8 @@ class RecycleGPT(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len + 2, cfg.rope_theta, cfg.rope_scaling_args)
         self.objective = RecycleObjective()   # lambda, target, train depth (pretrain's recycle.* keys)
         self.detach_base = False        # True: the base is frozen and runs without autograd (freeze_base)
-        self.base_bf16 = False          # True: the frozen base's forward runs under bf16 autocast (freeze_base)
+        self.base_bf16 = False          # True: the frozen base's forward runs in bf16 (freeze_base)
+        self.frozen: FrozenBase | None = None   # the frozen base's teacher pass in training steps (freeze_base)
         self.activation_checkpointing = False
         self.reset_parameters()
 
@@ -83,18 +85,25 @@ class RecycleGPT(nn.Module):
         """Training loss. labels[i] = x_{i+1}; the module at i reads E[labels[i]] and targets labels[i+1]
         (depth j: reads E[labels[i+j-1]], targets labels[i+j])."""
         self.recycle_activation_checkpointing()
-        # A frozen base needs no graph: no activations stored, no autograd bookkeeping; only the module's
-        # path (its layers and the LM head applied to g) builds one.
-        with torch.no_grad() if self.detach_base else nullcontext(), self._base_autocast(input_ids.device):
-            h = self.hidden(input_ids)
-            lm_logits = self.lm_head(h)
-            next_embeds = self.embedding(labels) if self.recycle is not None else None
+        teaching = self.frozen is not None and self.training and self.recycle is not None
+        if teaching:
+            # Module-only training step: the frozen base is a teacher only (model/frozen_base.py).
+            h, lm_logits = self.frozen.teach(self, input_ids)
+        else:
+            # A frozen base needs no graph: no activations stored, no autograd bookkeeping; only the module's
+            # path (its layers and the LM head applied to g) builds one.
+            with torch.no_grad() if self.detach_base else nullcontext(), self._base_autocast(input_ids.device):
+                h = self.hidden(input_ids)
+                lm_logits = self.lm_head(h)
         rec_logits = []
         if self.recycle is not None:
+            with torch.no_grad() if self.detach_base else nullcontext():
+                next_embeds = self.embedding(labels)
             h = h.to(self.final_norm.weight.dtype)   # bf16-rounded under base_bf16; the module runs in its own dtype
-            states = self.recycle.unroll(h, next_embeds, self.rotary, self.objective.depth)
-            rec_logits = [self.objective.module_logits(self.lm_head, g) for g in states]
-        return self.objective(self.spec, lm_logits, rec_logits, labels, loss_mask)
+            with self.frozen.module_autocast(input_ids.device) if teaching else nullcontext():
+                states = self.recycle.unroll(h, next_embeds, self.rotary, self.objective.depth)
+                rec_logits = [self.objective.module_logits(self.lm_head, g) for g in states]
+        return self.objective(self.spec, lm_logits, rec_logits, labels, loss_mask, teacher_only=teaching)
 
     def recycle_activation_checkpointing(self):
         if self.recycle is not None:
@@ -105,10 +114,13 @@ class RecycleGPT(nn.Module):
         # (benchmarks/module_training.py), and its states and distribution change by bf16 rounding only.
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.base_bf16 else nullcontext()
 
-    def freeze_base(self, bf16: bool = False):
+    def freeze_base(self, bf16: bool = False, module_bf16: bool = False):
         """Only the module trains: the base (embedding, layers, final norm, LM head) stops receiving updates;
-        bf16: its forward runs under bf16 autocast (recycle.base_bf16)."""
+        bf16: its forward runs in bf16 (recycle.base_bf16). Training steps then run the base as a teacher only
+        (model/frozen_base.py): no lm_loss, the teacher's logits over the draft vocabulary only. module_bf16: the
+        module's training steps run under bf16 autocast (recycle.module_bf16; fp32 weights and optimizer)."""
         self.detach_base, self.base_bf16 = True, bf16
+        self.frozen = FrozenBase(bf16, module_bf16=module_bf16)
         for name, p in self.named_parameters():
             if not name.startswith("recycle."):
                 p.requires_grad_(False)

@@ -94,6 +94,10 @@ class RecycleObjective:
             return lm_head(g)
         return F.linear(g, lm_head.weight[self.draft_ids.to(lm_head.weight.device)])
 
+    def teacher_rows(self) -> torch.Tensor | None:
+        """The rows of W_out the teacher's logits are read over: the draft vocabulary, or None (all of them)."""
+        return self.draft_ids
+
     def _in_draft_vocab(self, target: torch.Tensor, mask):
         """Corpus tokens as draft-vocabulary positions, and the mask without the tokens outside it."""
         ids = self.draft_ids.to(target.device)
@@ -103,10 +107,14 @@ class RecycleObjective:
         inside = local >= 0
         return local.clamp(min=0), inside if mask is None else inside & mask.bool()
 
-    def __call__(self, spec, lm_logits, rec_logits: list, labels, loss_mask) -> LossOutput:
+    def __call__(self, spec, lm_logits, rec_logits: list, labels, loss_mask, teacher_only: bool = False) -> LossOutput:
         """lm_logits [B, T, V/tp]; rec_logits[j-1] [B, T-j, V/tp], the depth-j states' logits (positions
         0 .. T-j-1); labels[i] = x_{i+1}. Under TP the cross-entropy works in place on fp32 logits, so every
-        other use of a logits tensor (the base's distribution, the KL) comes before its cross-entropy."""
+        other use of a logits tensor (the base's distribution, the KL) comes before its cross-entropy.
+
+        teacher_only (a frozen base's training step, model/frozen_base.py): lm_logits are the base's logits over
+        `teacher_rows()` only (None when the target needs no teacher), and the base's own loss is not computed:
+        lm_loss is NaN and the total is the module's weighted loss alone (the gradient is the same)."""
         if len(rec_logits) not in (0, self.depth):
             raise ValueError(f"got {len(rec_logits)} depths of module logits for train_depth={self.depth}")
         share = self.base_share
@@ -114,9 +122,10 @@ class RecycleObjective:
         for j, logits in enumerate(rec_logits, 1):
             # depth j at position i targets labels[i + j] = x_{i+j+1}; the base predicts it at position i + j.
             target, mask = labels[:, j:], None if loss_mask is None else loss_mask[:, j:]
-            teacher = lm_logits[:, j:]
+            teacher = None if lm_logits is None else lm_logits[:, j:]
             if self.draft_ids is not None:
-                teacher = teacher[..., self.draft_ids.to(teacher.device)]
+                if not teacher_only:
+                    teacher = teacher[..., self.draft_ids.to(teacher.device)]
                 if share < 1:
                     target, mask = self._in_draft_vocab(target, mask)
             per_token = 0.0
@@ -125,8 +134,11 @@ class RecycleObjective:
             if share < 1:
                 per_token = per_token + (1 - share) * spec.cross_entropy(logits, target)
             rec_losses.append(masked_mean(per_token, mask))
+        module_loss = self.weight * sum(w * r for w, r in zip(self.weights, rec_losses)) if rec_losses else None
+        if teacher_only:
+            return LossOutput(module_loss, torch.full_like(module_loss, float("nan")), rec_losses[0],
+                              tuple(rec_losses[1:]))
         lm_loss = masked_mean(spec.cross_entropy(lm_logits, labels), loss_mask)
         if not rec_losses:
             return LossOutput(lm_loss, lm_loss, None)
-        total = lm_loss + self.weight * sum(w * r for w, r in zip(self.weights, rec_losses))
-        return LossOutput(total, lm_loss, rec_losses[0], tuple(rec_losses[1:]))
+        return LossOutput(lm_loss + module_loss, lm_loss, rec_losses[0], tuple(rec_losses[1:]))

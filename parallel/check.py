@@ -185,8 +185,10 @@ def reference_logits(cfg: ModelConfig = CFG) -> tuple[torch.Tensor, torch.Tensor
 
 
 def rel_diff(a, b) -> float:
+    """Largest relative difference; NaN in both (a frozen base's training-step lm_loss) counts as equal."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
+    diff = (a - b).abs() / b.abs().clamp(min=1e-12)
+    return float(torch.where(a.isnan() & b.isnan(), 0.0, diff).max())
 
 
 def compare(records: list[dict], ref: dict, cfg: ModelConfig = CFG) -> dict:

@@ -32,7 +32,7 @@ from parallel.setup import current
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
                  objective: RecycleObjective = RecycleObjective(), detach_base: bool = False,
-                 activation_checkpointing: bool = False, base_bf16: bool = False,
+                 activation_checkpointing: bool = False, base_bf16: bool = False, module_bf16: bool = False,
                  optimizer_factory: Callable | None = None, scheduler_factory: Callable | None = None,
                  init_state: dict | None = None):
     """-> (engine, module). Weights equal `torch.manual_seed(seed); RecycleGPT(model_cfg)` on every layout,
@@ -56,7 +56,7 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
         module.objective = objective
         module.activation_checkpointing = activation_checkpointing
         if detach_base:
-            module.freeze_base(bf16=base_bf16)
+            module.freeze_base(bf16=base_bf16, module_bf16=module_bf16)
         mpu = ctx.grid
     else:
         module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, objective,

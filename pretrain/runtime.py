@@ -184,7 +184,7 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     model_cfg = cfg.model.build()
     engine, _ = build_engine(
         model_cfg, dims, ds_config(cfg, dims), cfg.seed, objective=training_objective(cfg, ctx.rank == 0),
-        detach_base=cfg.recycle.detach_base, base_bf16=cfg.recycle.base_bf16,
+        detach_base=cfg.recycle.detach_base, base_bf16=cfg.recycle.base_bf16, module_bf16=cfg.recycle.module_bf16,
         activation_checkpointing=cfg.train.activation_checkpointing,
         optimizer_factory=lambda module: make_optimizer(module, cfg.train),
         scheduler_factory=lambda optimizer: make_scheduler(optimizer, cfg.train),

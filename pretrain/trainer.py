@@ -156,11 +156,11 @@ class Trainer:
         done = self.step - start_step
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(done, 1) * (self.cfg.train.steps - self.step)
-        rec = row["recycle_loss"]
-        log.info("step %d/%d  loss %.4f  lm %.4f  rec %s  lr %.2e  gnorm %.2f  %.0f tok/s  eta %s",
-                 self.step, self.cfg.train.steps, row["loss"], row["lm_loss"],
-                 "-" if math.isnan(rec) else f"{rec:.4f}", row["lr"], row["grad_norm"], row["tokens_per_s"],
-                 _fmt_seconds(eta))
+        # NaN: no module (recycle), or a frozen base's training step, which skips the base's loss (lm)
+        lm, rec = ("-" if math.isnan(row[k]) else f"{row[k]:.4f}" for k in ("lm_loss", "recycle_loss"))
+        log.info("step %d/%d  loss %.4f  lm %s  rec %s  lr %.2e  gnorm %.2f  %.0f tok/s  eta %s",
+                 self.step, self.cfg.train.steps, row["loss"], lm, rec, row["lr"], row["grad_norm"],
+                 row["tokens_per_s"], _fmt_seconds(eta))
 
 
 def scalars(out) -> dict:

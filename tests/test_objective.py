@@ -98,8 +98,9 @@ def test_a_draft_vocabulary_restricts_both_distributions_and_the_corpus_targets(
 
 
 def test_a_bf16_frozen_base_runs_its_forward_in_bf16_and_the_module_in_fp32():
-    """recycle.base_bf16: the frozen base (a teacher) runs under bf16 autocast, the module trains in fp32 on
-    its states, and the losses stay within bf16 rounding of the fp32 ones."""
+    """recycle.base_bf16: the frozen base (a teacher) runs on bf16 copies of its weights, the module trains in
+    fp32 on its states, and the losses stay within bf16 rounding of the fp32 ones; the parameters (what a
+    checkpoint saves) stay fp32."""
     model = make_model(RecycleObjective(target="base", depth=2)).train()
     model.freeze_base()
     ids, mask = batch()
@@ -112,7 +113,99 @@ def test_a_bf16_frozen_base_runs_its_forward_in_bf16_and_the_module_in_fp32():
     assert dtypes == {"base": torch.bfloat16, "module": torch.float32}
     assert bf16.recycle_loss.dtype == torch.float32 and bf16.recycle_loss.grad_fn is not None
     torch.testing.assert_close(bf16.recycle_loss, fp32.recycle_loss, rtol=0.05, atol=0.02)
-    assert not torch.equal(bf16.lm_loss, fp32.lm_loss)
+    assert not torch.equal(bf16.recycle_loss, fp32.recycle_loss)
+    assert {p.dtype for p in model.state_dict().values()} == {torch.float32}
+
+
+def test_module_bf16_is_mixed_precision_for_the_training_step_only():
+    """recycle.module_bf16: the module's training step runs under bf16 autocast (fp32 weights, fp32 gradients,
+    fp32 losses within bf16 rounding of the fp32 step); validation (eval mode) runs it in fp32."""
+    model = make_model(RecycleObjective(target="base", depth=2)).train()
+    model.freeze_base()
+    ids, mask = batch()
+    fp32 = model(ids[:, :-1], ids[:, 1:], mask)
+    dtypes = []
+    model.recycle.layers[0].mlp.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    model.freeze_base(module_bf16=True)
+    mixed = model(ids[:, :-1], ids[:, 1:], mask)
+    mixed.loss.backward()
+    assert dtypes == [torch.bfloat16] * 2                 # one module pass per depth
+    assert mixed.recycle_loss.dtype == torch.float32 and not torch.equal(mixed.recycle_loss, fp32.recycle_loss)
+    torch.testing.assert_close(mixed.recycle_loss, fp32.recycle_loss, rtol=0.05, atol=0.02)
+    assert {p.grad.dtype for p in model.recycle.parameters()} == {torch.float32}
+    with torch.no_grad():
+        model.eval()(ids[:, :-1], ids[:, 1:], mask)
+    assert dtypes[2:] == [torch.float32] * 2
+
+
+def frozen_and_plain_steps(objective, bf16=False):
+    """One training step of a frozen base through its teacher pass, and the same step through the plain
+    forward (the path validation takes), with the module's gradients of each."""
+    model = make_model(objective).train()
+    model.freeze_base(bf16=bf16)
+    ids, mask = batch()
+    widths = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: widths.append(out.shape[-1]))
+    out = []
+    for teacher in (model.frozen, None):
+        model.frozen = teacher
+        model.zero_grad(set_to_none=True)
+        widths.clear()
+        step = model(ids[:, :-1], ids[:, 1:], mask)
+        step.loss.backward()
+        out.append((step, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                    list(widths)))
+    return model, out
+
+
+@pytest.mark.parametrize("target", ["tokens", "base", "mix"])
+def test_a_frozen_base_step_reads_the_teacher_over_the_draft_rows_and_skips_the_base_loss(target):
+    """model/frozen_base.py: the frozen base's training step computes the teacher's logits over the draft rows
+    only and no base cross-entropy; the module's losses and gradients equal the plain forward's."""
+    draft_ids = torch.randperm(CFG.vocab_size, generator=torch.Generator().manual_seed(3))[:40]
+    objective = RecycleObjective(weight=0.7, target=target, mix=0.3, depth=2, depth_weights=(1.0, 0.5),
+                                 draft_ids=draft_ids)
+    _, ((fast, fast_grads, fast_heads), (plain, plain_grads, plain_heads)) = frozen_and_plain_steps(objective)
+    assert fast_heads == [] and plain_heads == [CFG.vocab_size]      # the 96-wide head: the plain step only
+    for a, b in [(fast.recycle_loss, plain.recycle_loss), (fast.deeper_losses[0], plain.deeper_losses[0])]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert torch.isnan(fast.lm_loss) and torch.isfinite(plain.lm_loss)
+    torch.testing.assert_close(fast.loss, 0.7 * (fast.recycle_loss + 0.5 * fast.deeper_losses[0]))
+    assert fast_grads.keys() == plain_grads.keys() and all(n.startswith("recycle.") for n in fast_grads)
+    for name, grad in fast_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_frozen_teacher_pass_runs_the_base_head_only_where_the_target_needs_it():
+    heads = {}
+    for target in ("tokens", "base"):
+        model = make_model(RecycleObjective(target=target)).train()
+        model.freeze_base()
+        calls = []
+        model.lm_head.register_forward_hook(lambda mod, args, out: calls.append(out.shape[-1]))
+        ids, mask = batch()
+        model(ids[:, :-1], ids[:, 1:], mask)
+        heads[target] = calls
+    # the module's own logits go through the head once per depth; a teacher adds the base's pass
+    assert heads == {"tokens": [CFG.vocab_size], "base": [CFG.vocab_size, CFG.vocab_size]}
+
+
+def test_bf16_copies_follow_a_change_of_the_base_weights():
+    """A checkpoint load writes the base's weights in place after the copies were made: the next step must
+    teach from the loaded weights, as the autocast path would."""
+    objective = RecycleObjective(target="base")
+    model = make_model(objective).train()
+    model.freeze_base(bf16=True)
+    ids, mask = batch()
+    before = model(ids[:, :-1], ids[:, 1:], mask).recycle_loss
+    other = make_model(objective, seed=5).state_dict()
+    model.load_state_dict({k: v for k, v in other.items() if not k.startswith("recycle.")}, strict=False)
+    after = model(ids[:, :-1], ids[:, 1:], mask).recycle_loss
+    fresh = make_model(objective).train()
+    fresh.load_state_dict(model.state_dict())
+    fresh.freeze_base(bf16=True)
+    torch.testing.assert_close(after, fresh(ids[:, :-1], ids[:, 1:], mask).recycle_loss)
+    assert not torch.allclose(before, after)
 
 
 def test_base_target_teaches_toward_the_base_not_the_base_toward_the_module():
@@ -185,6 +278,8 @@ def test_bad_objective_values_name_the_key(kwargs, message):
     ("recycle.draft_vocab=100000", "recycle.draft_vocab=100000 must be an int between 0 (the whole vocabulary) and "
                                    "model.vocab_size=8192"),
     ("recycle.base_bf16=true", "recycle.base_bf16=true runs a frozen base in bf16: set recycle.detach_base=true"),
+    ("recycle.module_bf16=true", "recycle.module_bf16=true is mixed precision for a module on a frozen base: set "
+                                 "recycle.detach_base=true"),
     (("parallel.tp=2", "recycle.draft_vocab=512"), "recycle.draft_vocab=512 with parallel.tp=2: the LM head is split"),
 ])
 def test_config_keys_are_checked_with_one_line_errors(override, message):
