@@ -9,7 +9,7 @@ distribution. A plain forward pays for two things that are not needed for that (
   weight changes (a checkpoint load bumps its version). The copies are not parameters: checkpoints and
   exports keep the fp32 base.
 - The whole vocabulary. The objective reads the base's logits over the draft vocabulary only
-  (RecycleObjective.teacher_rows), and the base's own cross-entropy, a constant of frozen weights, is not
+  (the rows of RecycleObjective.module_logits), and the base's own cross-entropy, a constant of frozen weights, is not
   computed in training steps (metrics.jsonl: lm_loss NaN; validation rows still report it and ppl). The
   49152-wide head and its log-softmax were 23 % of that step.
 
@@ -34,7 +34,8 @@ class Bf16Copies:
     @staticmethod
     def usable(model) -> bool:
         """One rank's plain torch weights: megatron's tensor-parallel layers and ZeRO-3's partitioned weights
-        (a `ds_id` on each) keep bf16 autocast instead."""
+        (a `ds_id` on each) keep bf16 autocast instead. Asked at the first step, not in freeze_base: ZeRO-3
+        partitions the weights after the model is built."""
         return model.spec.tp_size == 1 and not any(hasattr(p, "ds_id") for p in model.parameters())
 
     def refresh(self, model, rows: torch.Tensor | None):
@@ -57,6 +58,7 @@ class FrozenBase:
         """copy_weights=False: bf16 by autocast, as before the copies (benchmarks/module_training.py compares)."""
         self.bf16, self.copy_weights, self.module_bf16 = bf16, copy_weights, module_bf16
         self.copies = Bf16Copies()
+        self._copies_usable: bool | None = None     # Bf16Copies.usable, asked once at the first step
 
     def module_autocast(self, device: torch.device):
         """recycle.module_bf16: the module's forward (and so its backward) under bf16 autocast."""
@@ -65,23 +67,20 @@ class FrozenBase:
     @torch.no_grad()
     def teach(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (h in the module's dtype, the base's logits over the objective's teacher rows, or None when the
-        objective needs no teacher). Logits are the rows RecycleObjective.teacher_rows names, in that order."""
+        objective needs no teacher). Logits are over the rows the module's own logits cover
+        (RecycleObjective.module_logits: the draft vocabulary, or all of them), in that order."""
         objective = model.objective
-        rows = objective.teacher_rows()
         needs_teacher = objective.base_share > 0
-        if self.bf16 and self.copy_weights and Bf16Copies.usable(model):
-            self.copies.refresh(model, rows)
+        if self._copies_usable is None:
+            self._copies_usable = Bf16Copies.usable(model)
+        if self.bf16 and self.copy_weights and self._copies_usable:
+            self.copies.refresh(model, objective.draft_ids)
             h = self._hidden_bf16(model, input_ids)
             teacher = F.linear(h, self.copies.head) if needs_teacher else None
         else:
             with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 h = model.hidden(input_ids)
-                if not needs_teacher:
-                    teacher = None
-                elif rows is None:
-                    teacher = model.lm_head(h)
-                else:
-                    teacher = F.linear(h, model.lm_head.weight[rows.to(h.device)])
+                teacher = objective.module_logits(model.lm_head, h) if needs_teacher else None
         return h.to(model.final_norm.weight.dtype), teacher
 
     def _hidden_bf16(self, model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -94,10 +94,6 @@ class RecycleObjective:
             return lm_head(g)
         return F.linear(g, lm_head.weight[self.draft_ids.to(lm_head.weight.device)])
 
-    def teacher_rows(self) -> torch.Tensor | None:
-        """The rows of W_out the teacher's logits are read over: the draft vocabulary, or None (all of them)."""
-        return self.draft_ids
-
     def _in_draft_vocab(self, target: torch.Tensor, mask):
         """Corpus tokens as draft-vocabulary positions, and the mask without the tokens outside it."""
         ids = self.draft_ids.to(target.device)
@@ -113,7 +109,7 @@ class RecycleObjective:
         other use of a logits tensor (the base's distribution, the KL) comes before its cross-entropy.
 
         teacher_only (a frozen base's training step, model/frozen_base.py): lm_logits are the base's logits over
-        `teacher_rows()` only (None when the target needs no teacher), and the base's own loss is not computed:
+        the draft vocabulary's rows only (`module_logits`' rows) (None when the target needs no teacher), and the base's own loss is not computed:
         lm_loss is NaN and the total is the module's weighted loss alone (the gradient is the same)."""
         if len(rec_logits) not in (0, self.depth):
             raise ValueError(f"got {len(rec_logits)} depths of module logits for train_depth={self.depth}")
