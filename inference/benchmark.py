@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         if 1 not in draft_lens:
             raise UsageError(f"--draft-width {','.join(map(str, widths))}: widths > 1 go with --draft-len 1; add 1 to "
                              "--draft-len")
-        check_draft_width(max(widths), "verify", 1, args.batch_size, sampling)
+        check_draft_width(max(widths), "verify", 1, args.batch_size)
     for name in ("prompt_len", "new_tokens", "repeats", "batch_size", "cost_rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")

@@ -59,11 +59,11 @@ def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = 
                         help="tokens the module drafts per verify cycle (1 = one; auto: chosen from measured "
                         "step costs and acceptance)")
     parser.add_argument("--max-draft-len", type=int, default=4, metavar="K", help="upper limit for --draft-len auto")
-    parser.add_argument("--draft-width", default="1", metavar="W", help="verify with --draft-len 1, greedy, batch 1: "
+    parser.add_argument("--draft-width", default="1", metavar="W", help="verify with --draft-len 1, batch 1: "
                         "check the module's W most likely tokens side by side in one full forward (a depth-1 token "
                         "tree, inference/tree_verify.py); the benchmark takes a comma-separated list")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, "
-                        "losslessly in standard and verify")
+                        "losslessly in standard and verify (any --draft-len or --draft-width)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this much mass")
     add_draft_vocab_arg(parser)
@@ -86,12 +86,12 @@ def parse_draft_widths(text: str) -> list[int]:
     return widths
 
 
-def check_draft_width(width: int, mode: str, draft_len, batch: int, sampling):
+def check_draft_width(width: int, mode: str, draft_len, batch: int):
     """inference.decoding's rule for --draft-width, as a usage error before any model is loaded."""
     from inference.decoding import DecodingError, check_width
 
     try:
-        check_width(width, mode, draft_len, batch, sampling)
+        check_width(width, mode, draft_len, batch)
     except DecodingError as err:
         raise UsageError(str(err)) from None
 

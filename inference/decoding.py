@@ -86,7 +86,7 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
     `draft_width`: verify's W most likely first drafts checked side by side (inference/tree_verify.py)."""
     prompts = [_prompt_list(p) for p in prompts]
     check_request(model, mode, [len(p) for p in prompts], max_new_tokens, sampling)
-    check_width(draft_width, mode, draft_len, len(prompts), sampling)
+    check_width(draft_width, mode, draft_len, len(prompts))
     if isinstance(draft_len, (FixedDraftLen, AutoDraftLen)):
         policy = draft_len
     elif draft_len == "auto":
@@ -135,15 +135,14 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
     return BatchGeneration([Generation(t, s) for t, s in zip(rows.tokens, rows.stats)], seconds, forwards)
 
 
-def check_width(width, mode: str, draft_len, batch: int, sampling: Sampling):
+def check_width(width, mode: str, draft_len, batch: int):
     if not isinstance(width, int) or width < 1:
         raise DecodingError(f"draft_width={width!r} must be an int >= 1 (1 = one candidate per drafted token)")
     if width == 1:
         return
     problem = ("it applies to mode verify only" if mode != "verify" else
                "it needs --draft-len 1 (a tree of depth 1)" if draft_len != 1 else
-               "it decodes one prompt at a time (batch 1)" if batch != 1 else
-               "it is greedy only (--temperature 0)" if not sampling.greedy else None)
+               "it decodes one prompt at a time (batch 1)" if batch != 1 else None)
     if problem:
         raise DecodingError(f"--draft-width {width}: {problem}; or use --draft-width 1")
 

@@ -79,7 +79,7 @@ def _main(argv, text_out) -> int:
     if len(widths) > 1:
         raise UsageError(f"--draft-width {args.draft_width}: give one width here (the benchmark compares several)")
     args.draft_width = widths[0]                                            # parsed once: an int from here on
-    check_draft_width(args.draft_width, args.mode, draft_len, len(texts), sampling)
+    check_draft_width(args.draft_width, args.mode, draft_len, len(texts))
     check_model_args(args)
 
     from inference import tp_loading

@@ -5,8 +5,8 @@ module's top W tokens is it (its top-W accuracy) is what a cycle can gain: on Sm
 module, held-out Brown, teacher-forced, top-1 35.8 %, top-2 47.1 %, top-4 56.6 %, top-8 64.5 %
 (inference.evaluate's `acceptance_by_width`). Where a step of 1 + W tokens costs about what a 1-token one does
 (packed weights on a CPU, a GPU at batch 1), checking W candidates instead of one is nearly free. This is a
-depth-1 token tree (Medusa, EAGLE-2 verify trees), greedy and batch 1, the drafting side of `verify` k = 1
-unchanged (inference/drafting.py):
+depth-1 token tree (Medusa, EAGLE-2 verify trees), batch 1, the drafting side of `verify` k = 1 unchanged
+(inference/drafting.py):
 
 One cycle, with the base cache holding x_0 .. x_{n-1} and `last` = x_n emitted but not yet seen:
 1. Draft. The depth-1 state g_{n-1} (already computed by the previous cycle's catch-up) gives the module's
@@ -15,7 +15,15 @@ One cycle, with the base cache holding x_0 .. x_{n-1} and `last` = x_n emitted b
    n + 1, each c_j seeing the cache, x_n and itself only. h_n gives the full model's token a = x_{n+1}.
 3. Accept. If a = c_j for some j, h_{n+1} of c_j gives the token after it: emitted a, then that token; the
    base cache copies c_j's slot to position n + 1 and forgets the rest. Otherwise a alone is emitted and the
-   cache keeps x_n only. Either way every emitted token is the full model's greedy choice: lossless.
+   cache keeps x_n only. Either way every emitted token is the full model's choice given the true text
+   before it: lossless.
+
+Sampling (--temperature, --top-k, --top-p) needs no rejection rule here. The candidates are fixed, not drawn,
+so a is simply drawn from the full model's distribution at n, as `standard` draws it; a candidate "is
+accepted" when the draw equals it, and the token after it is drawn from c_j's distribution, which is the full
+model's at n + 1 given a. Each emitted token is a draw from the distribution `standard` samples: the same
+text distribution (tests/test_inference_sampling.py), though not the same text for a seed, because the draws
+come in a different order. The chance of a hit is the full model's probability mass on the W candidates.
 4. The module's depth caches catch up over the newly verified positions, exactly as for k = 1.
 """
 from __future__ import annotations
@@ -51,11 +59,12 @@ def decode_verify_width(model, rows: Rows, caches, width: int, draft_vocab, star
         h = model.tree_step(rows.tensor([[text[-1]] + drafts]), base_cache, [-1] + [0] * len(drafts))
         rows.count_full_forward()
         forwards += 1
-        choice = model.logits(h[0]).argmax(-1).tolist()             # choice[0]: x_{n+1}; choice[1 + j]: after c_j
-        hit = drafts.index(choice[0]) if choice[0] in drafts else None
+        logits = model.logits(h[0])                                 # [0]: before x_{n+1}; [1 + j]: after c_j
+        first = int(rows.sampler.choose(logits[:1])[0])
+        hit = drafts.index(first) if first in drafts else None
         stats.proposed += 1
         stats.accepted += hit is not None
-        emitted = [choice[0]] + ([choice[1 + hit]] if hit is not None else [])
+        emitted = [first] + ([int(rows.sampler.choose(logits[1 + hit:2 + hit])[0])] if hit is not None else [])
         for token in emitted:
             if rows.emit(0, token):
                 break

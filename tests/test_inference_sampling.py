@@ -5,6 +5,7 @@ The samples come from one batch of N copies of the prompt: rows draw independent
 sample, and the test costs a handful of batched forwards.
 """
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from inference.decoding import DecodingError, generate, generate_batch
 from inference.draft_vocab import DraftVocab
 from inference.sampling import Sampler, Sampling
 from model import ModelConfig
-from tests.test_inference_decoding import random_model
+from tests.test_inference_decoding import mirror_module, random_model
 
 V = 6
 CFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
@@ -93,6 +94,23 @@ def test_sampled_distribution_equals_standard_sampling(model, case, sampling):
         accepted = sum(s.accepted for s in batch.stats)
         proposed = sum(s.proposed for s in batch.stats)
         assert 0.02 < accepted / proposed < 0.9
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0, seed=21), Sampling(temperature=0.7, top_k=4,
+                                                                                  top_p=0.9, seed=22)])
+def test_wider_drafts_sample_the_standard_distribution(sampling):
+    """verify --draft-width 2 (inference/tree_verify.py) is batch 1: one seeded call per sample. A module that
+    is often right (mirror_module) makes the branch after a hit run often: a token after a hit drawn from the
+    wrong position's distribution, or a hit kept greedily, is rejected with p < 1e-10 (checked at T = 1)."""
+    model = mirror_module(random_model(0, CFG, std=0.3))
+    n, hits, cycles, counts = 3000, 0, 0, {}
+    for i in range(n):
+        row = generate(model, PROMPT, "verify", N_TOKENS, draft_width=2, sampling=replace(sampling, seed=i))
+        counts[tuple(row.tokens)] = counts.get(tuple(row.tokens), 0) + 1
+        hits, cycles = hits + row.stats.accepted, cycles + row.stats.proposed
+    p_value = chi_square_p_value(counts, exact_distribution(model, sampling), n)
+    assert p_value > 1e-3, p_value
+    assert 0.05 < hits / cycles < 0.97, hits / cycles       # both branches ran: draws on and off the candidates
 
 
 def test_the_chi_square_test_can_fail(model):

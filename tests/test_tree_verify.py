@@ -1,6 +1,7 @@
 """`verify --draft-width W` (inference/tree_verify.py): the module's top W tokens checked side by side by one
 tree-attention forward (`GPT.tree_step`). Lossless against `standard`, more drafts accepted than W = 1, and
-the flags refuse what it does not do (sampling, batches, deeper drafts) with one line."""
+the flags refuse what it does not do (batches, deeper drafts, other modes) with one line. Sampling:
+tests/test_inference_sampling.py."""
 import json
 
 import pytest
@@ -9,7 +10,6 @@ import torch
 from inference import benchmark
 from inference.cli import UsageError, check_draft_width, parse_draft_widths
 from inference.decoding import DecodingError, generate, generate_batch
-from inference.sampling import GREEDY, Sampling
 from model.draft_vocab import DraftVocab
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
 
@@ -87,15 +87,14 @@ def test_wider_drafts_are_lossless_and_accept_more(with_vocab):
     ({"mode": "recycle"}, "applies to mode verify only"),
     ({"draft_len": 2}, "needs --draft-len 1"),
     ({"prompts": [PROMPTS[1], PROMPTS[2]]}, "one prompt at a time"),
-    ({"sampling": Sampling(temperature=0.7)}, "greedy only"),
     ({"draft_width": 0}, "must be an int >= 1"),
 ])
 def test_what_a_width_does_not_do_is_refused(kwargs, message):
     model = mirror_module(random_model(seed=3))
-    call = {"prompts": [PROMPTS[1]], "mode": "verify", "draft_len": 1, "sampling": GREEDY, "draft_width": 3} | kwargs
+    call = {"prompts": [PROMPTS[1]], "mode": "verify", "draft_len": 1, "draft_width": 3} | kwargs
     with pytest.raises(DecodingError, match=message):
         generate_batch(model, call["prompts"], call["mode"], 8, draft_len=call["draft_len"],
-                       sampling=call["sampling"], draft_width=call["draft_width"])
+                       draft_width=call["draft_width"])
 
 
 def test_width_flags_are_checked_before_loading():
@@ -103,9 +102,9 @@ def test_width_flags_are_checked_before_loading():
     for bad in ("0", "x", "2,-1"):
         with pytest.raises(UsageError, match="--draft-width"):
             parse_draft_widths(bad)
-    with pytest.raises(UsageError, match="--draft-width 4: it is greedy only"):
-        check_draft_width(4, "verify", 1, 1, Sampling(temperature=0.7))
-    check_draft_width(4, "verify", 1, 1, GREEDY)
+    with pytest.raises(UsageError, match="--draft-width 4: it decodes one prompt at a time"):
+        check_draft_width(4, "verify", 1, 2)
+    check_draft_width(4, "verify", 1, 1)
 
 
 def test_benchmark_reports_each_width(tmp_path):
