@@ -11,9 +11,11 @@ in fp32:
 - column: a 1-token step ~1.3x faster than row, but a step of k + 1 tokens still costs ~(k + 1)/2 1-token ones;
 - packed: oneDNN's prepacked kernels read each weight once for a few rows (2-3 rows are padded to the 4 the
   twin was packed for), so a step of 2-4 tokens of SmolLM2 costs 1.13-1.14 1-token steps on one thread and
-  1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row on one thread oneDNN is ~1.2x
-  slower than column's kernel (on two, ~1.25x faster), so a 1-row product on one thread keeps the column-major
-  weight. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
+  1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row neither kernel always wins: on
+  one thread oneDNN was ~1.2x slower than column's kernel on 2026-12-01 and ~1.2x faster on 2026-12-02 (on two,
+  ~1.25x faster both days). Which one a 1-row product takes is therefore measured, once per thread count and
+  weight shape, at its first use (model/strides.py `one_row_packed`): `standard` must get the faster kernel too,
+  or every speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
   Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
 In bf16 row-major is best (its oneDNN kernels are already flat in the row count; the column-major LM head is
 ~1.4x slower). So `auto` is `packed` for fp32 on a CPU with one tensor-parallel rank (`column` with more) and `row`

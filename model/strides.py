@@ -5,10 +5,13 @@ inference/.
 - row: as loaded, [out, in] contiguous.
 - column: `W.t().contiguous().t()`: equal values and shape, strides (1, out).
 - packed: column-major as above, and the Linear gains a oneDNN prepacked twin (`Linear.packed_weight`, an opaque
-  mkldnn tensor) that its forward multiplies by; only one row on one thread still goes through the column-major
-  weight, whose kernel is faster there. Why: inference/weight_layout.py.
+  mkldnn tensor) that its forward multiplies by. For one row the column-major weight's kernel is sometimes the
+  faster one, so that choice is measured (`one_row_packed`). Why: inference/weight_layout.py.
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -39,14 +42,42 @@ def pack(tensor: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(tensor.detach().contiguous(), PACK_ROWS)
 
 
+# (torch threads, out, in) -> whether oneDNN's kernel multiplies one row by that weight faster than MKL's
+# column-major one. Neither always wins: SmolLM2 1-token steps on the 2-core EPYC took 42 (MKL) vs 51 ms (oneDNN)
+# on one thread on 2026-12-01, and 37 vs 30 ms on 2026-12-02 (on two threads oneDNN won both days).
+ONE_ROW_PACKED: dict[tuple, bool] = {}
+
+
+def one_row_packed(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias) -> bool:
+    """Whether one row goes through the twin: measured once per thread count and weight shape, on first use."""
+    key = (torch.get_num_threads(), *weight.shape)
+    if key not in ONE_ROW_PACKED:
+        ONE_ROW_PACKED[key] = packed_is_faster(x, weight, packed, bias)
+    return ONE_ROW_PACKED[key]
+
+
+def packed_is_faster(x, weight, packed, bias, rounds: int = 15) -> bool:
+    """Both one-row kernels timed in alternation (so a busy moment slows both), medians compared."""
+    kernels = {"mkl": lambda: nn.functional.linear(x, weight, bias),
+               "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")}
+    seconds = {name: [] for name in kernels}
+    with torch.no_grad():
+        for name, run in kernels.items():               # warm-up: first calls allocate
+            run()
+        for _ in range(rounds):
+            for name, run in kernels.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+    return statistics.median(seconds["onednn"]) < statistics.median(seconds["mkl"])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one (unless x is
-    one row and torch runs one thread)."""
+    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one (for one row
+    only where that kernel measured faster, `one_row_packed`)."""
     rows = x.numel() // x.shape[-1]
-    # One row on one thread: MKL's column-major kernel is ~1.2x faster than oneDNN's; on two or more threads
-    # oneDNN's is ~1.25x faster (SmolLM2 1-token steps, 2-core EPYC: 42 vs 51 ms on one thread, 43 vs 34 on two).
-    if packed is None or (rows == 1 and torch.get_num_threads() == 1):
+    if packed is None or (rows == 1 and not one_row_packed(x, weight, packed, bias)):
         return nn.functional.linear(x, weight, bias)
     if rows == 1 or rows >= PACK_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -7,6 +7,7 @@ import torch
 
 from inference import weight_layout
 from inference.decoding import generate_batch
+from model import strides
 from model.draft_vocab import DraftVocab
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
 
@@ -48,7 +49,11 @@ def test_column_layout_stores_every_linear_transposed_with_equal_values():
             assert named[name].stride() == (1, p.shape[0]), name
 
 
-def test_packed_layout_multiplies_by_the_twin_but_one_row_on_one_thread_by_the_weight():
+@pytest.mark.parametrize("one_row_twin", [False, True])
+def test_packed_layout_multiplies_by_the_twin_and_one_row_by_the_kernel_measured_faster(monkeypatch, one_row_twin):
+    measured = []
+    monkeypatch.setattr(strides, "ONE_ROW_PACKED", {})
+    monkeypatch.setattr(strides, "packed_is_faster", lambda x, w, *rest: measured.append(tuple(w.shape)) or one_row_twin)
     row, packed = both_layouts("packed")
     assert weight_layout.layout_of(packed) == "packed"
     for module in weight_layout.linears(packed):          # every Linear, the LM head and the module's W_proj too
@@ -62,9 +67,21 @@ def test_packed_layout_multiplies_by_the_twin_but_one_row_on_one_thread_by_the_w
             if module is not packed.lm_head:              # (the head's weight is the embedding's, tied)
                 module.weight.zero_()
         torch.testing.assert_close(packed.hidden(ids), want, atol=1e-5, rtol=1e-5)    # rows: the twins
-        assert (packed.hidden(one) - want_one).abs().max() > 0.1     # one row, one thread: the (zeroed) weight
-        torch.set_num_threads(2)                                    # (the one_thread fixture restores it)
-        torch.testing.assert_close(packed.hidden(one), want_one, atol=1e-5, rtol=1e-5)  # two threads: the twins
+        if one_row_twin:                                            # one row: the kernel measured faster
+            torch.testing.assert_close(packed.hidden(one), want_one, atol=1e-5, rtol=1e-5)
+        else:
+            assert (packed.hidden(one) - want_one).abs().max() > 0.1                  # the (zeroed) weight
+        shapes = sorted(set(measured))
+        layer_shapes = {tuple(m.weight.shape) for m in weight_layout.linears(packed.layers)}
+        assert len(measured) == len(shapes) and shapes == sorted(layer_shapes), measured  # the base's Linears
+        packed.hidden(one)                                          # measured once per shape and thread count
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            packed.hidden(one)
+        finally:
+            torch.set_num_threads(threads)                          # one_thread is module-scoped: restore now
+        assert len(measured) == 2 * len(shapes)
     again = weight_layout.apply(packed, "row")            # another layout undoes the packing
     assert weight_layout.layout_of(again) == "row" and "packed_weight" not in vars(again.lm_head)
     with torch.no_grad():
