@@ -13,9 +13,9 @@ in fp32:
   twin was packed for), so a step of 2-4 tokens of SmolLM2 costs 1.13-1.14 1-token steps on one thread and
   1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row neither kernel always wins: on
   one thread oneDNN was ~1.2x slower than column's kernel on 2026-12-01 and ~1.2x faster on 2026-12-02 (on two,
-  ~1.25x faster both days). Which one a 1-row product takes is therefore measured, once per thread count and
-  weight shape, at its first use (model/strides.py `one_row_packed`): `standard` must get the faster kernel too,
-  or every speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
+  ~1.25x faster both days). Which one 1-row products take is therefore measured for the model, once per thread
+  count, at the first one (model/strides.py `OneRowKernel`): `standard` must get the faster kernel too, or every
+  speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
   Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
 In bf16 row-major is best (its oneDNN kernels are already flat in the row count; the column-major LM head is
 ~1.4x slower). So `auto` is `packed` for fp32 on a CPU with one tensor-parallel rank (`column` with more) and `row`
@@ -34,7 +34,7 @@ import types
 import torch
 from torch import nn
 
-from model.strides import PACKED, can_pack, is_column_major, pack, packed_forward, restride
+from model.strides import ONE_ROW, PACKED, OneRowKernel, can_pack, is_column_major, pack, packed_forward, restride
 
 LAYOUTS = ("auto", "row", "column", "packed")
 
@@ -114,9 +114,10 @@ def apply(model: nn.Module, layout: str) -> nn.Module:
     """Store every Linear weight of `model` in `layout` ('row', 'column' or 'packed'), in place; values unchanged.
     Applying another layout later undoes a packed one."""
     with torch.no_grad():
+        packed = []
         for module in linears(model):
             if PACKED in vars(module):
-                del module.packed_weight, module.forward        # back to nn.Linear's own forward
+                del module.packed_weight, module.forward, module.one_row_kernel   # back to nn.Linear's forward
             module.weight.data = restride(module.weight.data, "column" if layout == "packed" else layout)
             if layout == "packed":
                 if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
@@ -124,4 +125,8 @@ def apply(model: nn.Module, layout: str) -> nn.Module:
                                      f"{module.weight.device.type} has no packed path; use column or row")
                 setattr(module, PACKED, pack(module.weight))
                 module.forward = types.MethodType(packed_forward, module)
+                packed.append(module)
+        one_row = OneRowKernel(packed)                        # measured at the first 1-row product
+        for module in packed:
+            setattr(module, ONE_ROW, one_row)
     return model

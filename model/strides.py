@@ -6,7 +6,7 @@ inference/.
 - column: `W.t().contiguous().t()`: equal values and shape, strides (1, out).
 - packed: column-major as above, and the Linear gains a oneDNN prepacked twin (`Linear.packed_weight`, an opaque
   mkldnn tensor) that its forward multiplies by. For one row the column-major weight's kernel is sometimes the
-  faster one, so that choice is measured (`one_row_packed`). Why: inference/weight_layout.py.
+  faster one, so that choice is measured for the model (`OneRowKernel`). Why: inference/weight_layout.py.
 """
 from __future__ import annotations
 
@@ -42,60 +42,80 @@ def pack(tensor: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(tensor.detach().contiguous(), PACK_ROWS)
 
 
-# (torch threads, out, in) -> whether oneDNN's kernel multiplies one row by that weight faster than MKL's
-# column-major one. Neither always wins: SmolLM2 1-token steps on the 2-core EPYC took 42 (MKL) vs 51 ms (oneDNN)
-# on one thread on 2026-12-01, and 37 vs 30 ms on 2026-12-02 (on two threads oneDNN won both days).
-ONE_ROW_PACKED: dict[tuple, bool] = {}
+ONE_ROW = "one_row_kernel"   # the attribute of a packed Linear that holds its model's OneRowKernel
 
 
-def one_row_packed(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias) -> bool:
-    """Whether one row goes through the twin: measured once per thread count and weight shape, on first use."""
-    key = (torch.get_num_threads(), *weight.shape)
-    if key not in ONE_ROW_PACKED:
-        ONE_ROW_PACKED[key] = packed_is_faster(x, weight, packed, bias)
-    return ONE_ROW_PACKED[key]
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def packed_is_faster(x, weight, packed, bias, rounds: int = 15) -> bool:
-    """Both one-row kernels timed in alternation (so a busy moment slows both), medians compared."""
-    kernels = {"mkl": lambda: nn.functional.linear(x, weight, bias),
-               "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")}
-    seconds = {name: [] for name in kernels}
-    with torch.no_grad():
-        for name, run in kernels.items():               # warm-up: first calls allocate
-            run()
-        for _ in range(rounds):
-            for name, run in kernels.items():
-                start = time.perf_counter()
-                run()
-                seconds[name].append(time.perf_counter() - start)
-    return statistics.median(seconds["onednn"]) < statistics.median(seconds["mkl"])
+ONE_ROW_KERNELS = {
+    "mkl": lambda x, weight, packed, bias: nn.functional.linear(x, weight, bias),    # the column-major weight
+    "onednn": lambda x, weight, packed, bias: _onednn(x, packed, bias),              # the packed twin
+}
+
+
+class OneRowKernel:
+    """Which kernel multiplies one row (a 1-token decode step) by one model's packed Linears.
+
+    Neither always wins: a SmolLM2 1-token step on the 2-core EPYC took 42 (MKL) vs 51 ms (oneDNN) on one thread
+    on 2026-12-01, and 36 vs 32 ms on 2026-12-02 (on two threads oneDNN won both days). A kernel timed on one
+    weight in a loop misleads (the weight stays in cache; in a step every weight comes from memory): per-weight
+    choices measured that way made the step 1.1x slower than oneDNN everywhere. So it is measured as a step is
+    run: one row through every Linear of the model in order, the kernels in alternation, medians compared; once
+    per thread count, at the first one-row product."""
+
+    def __init__(self, linears: list[nn.Module]):
+        self.linears = linears
+        self.choice: dict[int, str] = {}
+
+    def __call__(self) -> str:
+        threads = torch.get_num_threads()
+        if threads not in self.choice:
+            self.choice[threads] = self.measure()
+        return self.choice[threads]
+
+    def measure(self, rounds: int = 7) -> str:
+        xs = [torch.randn(1, m.weight.shape[1], dtype=m.weight.dtype) for m in self.linears]
+        seconds = {name: [] for name in ONE_ROW_KERNELS}
+        with torch.no_grad():
+            for round_ in range(rounds + 1):                # round 0 warms up
+                for name, run in ONE_ROW_KERNELS.items():
+                    start = time.perf_counter()
+                    for m, x in zip(self.linears, xs):
+                        run(x, m.weight, getattr(m, PACKED), m.bias)
+                    if round_:
+                        seconds[name].append(time.perf_counter() - start)
+        return min(seconds, key=lambda name: statistics.median(seconds[name]))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one (for one row
-    only where that kernel measured faster, `one_row_packed`)."""
-    rows = x.numel() // x.shape[-1]
-    if packed is None or (rows == 1 and not one_row_packed(x, weight, packed, bias)):
+           bias: torch.Tensor | None = None, one_row: OneRowKernel | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one; one row by
+    the kernel `one_row` measured faster for the model (oneDNN's without one)."""
+    if packed is None:
         return nn.functional.linear(x, weight, bias)
-    if rows == 1 or rows >= PACK_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        return ONE_ROW_KERNELS[one_row() if one_row is not None else "onednn"](x, weight, packed, bias)
+    if rows >= PACK_ROWS:
+        return _onednn(x, packed, bias)
     # 2-3 rows: oneDNN's kernel for the packed row count is faster than its own for fewer rows (a 2-token step of
     # SmolLM2 took 1.5x a 1-token one, padded to 4 rows 1.1x), so pad with zero rows and drop their outputs.
     flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, flat.shape[1])])
-    out = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")[:rows]
+    out = _onednn(torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, flat.shape[1])]), packed, bias)[:rows]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward with the prepacked twin (bound to a Linear by inference/weight_layout.py)."""
-    return linear(x, self.weight, getattr(self, PACKED), self.bias)
+    return linear(x, self.weight, getattr(self, PACKED), self.bias, getattr(self, ONE_ROW, None))
 
 
-def like(tensor: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`tensor` (rows of `head.weight`) stored the way `head` multiplies, as (weight, packed twin or None) for
-    `linear`: the draft vocabulary's rows of the LM head, column- or row-major and packed as the head is."""
+def like(tensor: torch.Tensor, head: nn.Module) -> tuple:
+    """`tensor` (rows of `head.weight`) stored the way `head` multiplies, as the arguments after x of `linear`
+    (weight, packed twin or None, bias None, the head's OneRowKernel or None): the draft vocabulary's rows of the
+    LM head, column- or row-major and packed as the head is."""
     dense = restride(tensor, "column" if is_column_major(head.weight) else "row")
-    return dense, (pack(dense) if getattr(head, PACKED, None) is not None else None)
+    packed = getattr(head, PACKED, None) is not None
+    return dense, (pack(dense) if packed else None), None, (getattr(head, ONE_ROW, None) if packed else None)

@@ -49,11 +49,10 @@ def test_column_layout_stores_every_linear_transposed_with_equal_values():
             assert named[name].stride() == (1, p.shape[0]), name
 
 
-@pytest.mark.parametrize("one_row_twin", [False, True])
-def test_packed_layout_multiplies_by_the_twin_and_one_row_by_the_kernel_measured_faster(monkeypatch, one_row_twin):
+@pytest.mark.parametrize("one_row", sorted(strides.ONE_ROW_KERNELS))
+def test_packed_layout_multiplies_by_the_twin_and_one_row_by_the_kernel_measured_faster(monkeypatch, one_row):
     measured = []
-    monkeypatch.setattr(strides, "ONE_ROW_PACKED", {})
-    monkeypatch.setattr(strides, "packed_is_faster", lambda x, w, *rest: measured.append(tuple(w.shape)) or one_row_twin)
+    monkeypatch.setattr(strides.OneRowKernel, "measure", lambda self: measured.append(len(self.linears)) or one_row)
     row, packed = both_layouts("packed")
     assert weight_layout.layout_of(packed) == "packed"
     for module in weight_layout.linears(packed):          # every Linear, the LM head and the module's W_proj too
@@ -67,21 +66,19 @@ def test_packed_layout_multiplies_by_the_twin_and_one_row_by_the_kernel_measured
             if module is not packed.lm_head:              # (the head's weight is the embedding's, tied)
                 module.weight.zero_()
         torch.testing.assert_close(packed.hidden(ids), want, atol=1e-5, rtol=1e-5)    # rows: the twins
-        if one_row_twin:                                            # one row: the kernel measured faster
+        if one_row != "mkl":                                        # one row: the kernel measured fastest
             torch.testing.assert_close(packed.hidden(one), want_one, atol=1e-5, rtol=1e-5)
         else:
             assert (packed.hidden(one) - want_one).abs().max() > 0.1                  # the (zeroed) weight
-        shapes = sorted(set(measured))
-        layer_shapes = {tuple(m.weight.shape) for m in weight_layout.linears(packed.layers)}
-        assert len(measured) == len(shapes) and shapes == sorted(layer_shapes), measured  # the base's Linears
-        packed.hidden(one)                                          # measured once per shape and thread count
+        assert measured == [len(weight_layout.linears(packed))]    # once, over all of the model's Linears
+        packed.hidden(one)
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1)
         try:
             packed.hidden(one)
         finally:
             torch.set_num_threads(threads)                          # one_thread is module-scoped: restore now
-        assert len(measured) == 2 * len(shapes)
+        assert len(measured) == 2                                   # again only for another thread count
     again = weight_layout.apply(packed, "row")            # another layout undoes the packing
     assert weight_layout.layout_of(again) == "row" and "packed_weight" not in vars(again.lm_head)
     with torch.no_grad():
@@ -113,9 +110,10 @@ def test_draft_vocabulary_rows_follow_the_heads_layout(layout):
     states = torch.randn(2, row.cfg.hidden_size)
     torch.testing.assert_close(vocab.logits(other, states), vocab.logits(row, states), atol=1e-5, rtol=1e-5)
     vocab.logits(other, states)
-    ((copied, twin),) = vocab._weights.values()
+    ((copied, twin, _, one_row),) = vocab._weights.values()
     assert weight_layout.is_column_major(copied) and copied.shape == (4, row.cfg.hidden_size)
     assert (twin is not None and twin.is_mkldnn and twin.shape == copied.shape) == (layout == "packed")
+    assert one_row is getattr(other.lm_head, "one_row_kernel", None)      # the head's one-row choice
 
 
 @pytest.mark.parametrize("flags, expected", [([], "packed"), (["--weight-layout", "row"], "row"),
@@ -167,3 +165,15 @@ def test_auto_packs_only_when_the_twins_fit_in_memory(monkeypatch):
     assert weight_layout.layout_of(model) == "column"
     with pytest.raises(ValueError, match="packed needs .* GiB more for the packed copies"):
         weight_layout.apply_flag(copy.deepcopy(row), "packed", "cpu", torch.float32)
+
+
+def test_one_row_kernels_agree_and_the_measurement_picks_one():
+    _, packed = both_layouts("packed")
+    head = packed.lm_head
+    x = torch.randn(1, head.weight.shape[1])
+    with torch.no_grad():
+        for run in strides.ONE_ROW_KERNELS.values():
+            torch.testing.assert_close(run(x, head.weight, head.packed_weight, None), x @ head.weight.t(),
+                                       atol=1e-5, rtol=1e-5)
+    assert head.one_row_kernel.measure(rounds=2) in strides.ONE_ROW_KERNELS
+    assert all(m.one_row_kernel is head.one_row_kernel for m in weight_layout.linears(packed))   # one per model
