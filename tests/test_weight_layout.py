@@ -175,5 +175,9 @@ def test_one_row_kernels_agree_and_the_measurement_picks_one():
         for run in strides.ONE_ROW_KERNELS.values():
             torch.testing.assert_close(run(x, head.weight, head.packed_weight, None), x @ head.weight.t(),
                                        atol=1e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
     assert head.one_row_kernel.measure(rounds=2) in strides.ONE_ROW_KERNELS
+    assert torch.equal(torch.rand(3), want)                 # the global generator (seeded decoding) untouched
     assert all(m.one_row_kernel is head.one_row_kernel for m in weight_layout.linears(packed))   # one per model
