@@ -15,8 +15,8 @@ in fp32:
   one thread oneDNN was ~1.2x slower than column's kernel on 2026-12-01 and ~1.2x faster on 2026-12-02 (on two,
   ~1.25x faster both days). Which one 1-row products take is therefore measured for the model, once per thread
   count, at the first one (model/strides.py `OneRowKernel`): `standard` must get the faster kernel too, or every
-  speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a second copy of every
-  Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
+  speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a
+  second copy of every Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
 In bf16 row-major is best (its oneDNN kernels are already flat in the row count; the column-major LM head is
 ~1.4x slower). So `auto` is `packed` for fp32 on a CPU with one tensor-parallel rank (`column` with more) and `row`
 everywhere else (CUDA, bf16/fp16).

@@ -59,11 +59,11 @@ class OneRowKernel:
     """Which kernel multiplies one row (a 1-token decode step) by one model's packed Linears.
 
     Neither always wins: a SmolLM2 1-token step on the 2-core EPYC took 42 (MKL) vs 51 ms (oneDNN) on one thread
-    on 2026-12-01, and 36 vs 32 ms on 2026-12-02 (on two threads oneDNN won both days). A kernel timed on one
-    weight in a loop misleads (the weight stays in cache; in a step every weight comes from memory): per-weight
-    choices measured that way made the step 1.1x slower than oneDNN everywhere. So it is measured as a step is
-    run: one row through every Linear of the model in order, the kernels in alternation, medians compared; once
-    per thread count, at the first one-row product."""
+    on 2026-12-01, and 33-37 vs 27-32 ms on 2026-12-02 (on two threads oneDNN won both days). A kernel timed on
+    one weight in a loop misleads (the weight stays in cache; in a step every weight comes from memory): choices
+    per weight measured that way made the step 1.1x slower than oneDNN everywhere. So it is measured as a step
+    is run: one row through every Linear of the model in order, the kernels in alternation, medians compared;
+    once per thread count, at the first one-row product."""
 
     def __init__(self, linears: list[nn.Module]):
         self.linears = linears
