@@ -126,7 +126,8 @@ def apply(model: nn.Module, layout: str) -> nn.Module:
                 setattr(module, PACKED, pack(module.weight))
                 module.forward = types.MethodType(packed_forward, module)
                 packed.append(module)
-        one_row = OneRowKernel(packed)                        # measured at the first 1-row product
-        for module in packed:
-            setattr(module, ONE_ROW, one_row)
+        if packed:
+            one_row = OneRowKernel(packed)                    # measured at the first 1-row product
+            for module in packed:
+                setattr(module, ONE_ROW, one_row)
     return model

@@ -109,8 +109,8 @@ class RecycleObjective:
         other use of a logits tensor (the base's distribution, the KL) comes before its cross-entropy.
 
         teacher_only (a frozen base's training step, model/frozen_base.py): lm_logits are the base's logits over
-        the draft vocabulary's rows only (`module_logits`' rows) (None when the target needs no teacher), and the base's own loss is not computed:
-        lm_loss is NaN and the total is the module's weighted loss alone (the gradient is the same)."""
+        the rows `module_logits` covers only (None when the target needs no teacher), and the base's own loss is
+        not computed: lm_loss is NaN and the total is the module's weighted loss alone (the gradient is the same)."""
         if len(rec_logits) not in (0, self.depth):
             raise ValueError(f"got {len(rec_logits)} depths of module logits for train_depth={self.depth}")
         share = self.base_share
