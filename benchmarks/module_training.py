@@ -22,8 +22,11 @@ functions this reuses; CPU: one thread and the process CPU-time clock):
   teacher_autocast   recipe_v4 with the teacher pass (model/frozen_base.py): logits over the draft rows only, no
                  base cross-entropy; bf16 still by autocast
   teacher        the teacher pass on bf16 copies of the base's weights
-  recipe         today's configs/smollm2-recycle.yaml step: teacher, and the module's step under bf16 autocast
+  recipe         configs/smollm2-recycle.yaml's step as of v5: teacher, and the module's step under bf16 autocast
                  (recycle.module_bf16)
+  like           the recycle section of --like's config.yaml as it is (recycle.base_bf16 / module_bf16 = auto
+                 resolved on this machine, as the trainer resolves them): what `make real-model` measures to size
+                 its steps to its time budget
 
 --like RUN_DIR takes the model shapes (not the weights: speed does not depend on them) from a run's config,
 e.g. the imported SmolLM2-135M, whose 49152-token head is where a draft vocabulary pays most.
@@ -55,7 +58,8 @@ CONFIGS = {"before": {}, "after": {}, "target_base": {"target": "base"}, "depth2
            "depth2_base": DEPTH2_BASE, "bf16_base": {**DEPTH2_BASE, "base_bf16": True},
            "draft_vocab": {**DEPTH2_BASE, "draft_vocab": True}}
 RECIPE = {**DEPTH2_BASE, "base_bf16": True, "draft_vocab": True}
-CONFIGS.update(recipe_v4=RECIPE, teacher_autocast=RECIPE, teacher=RECIPE, recipe={**RECIPE, "module_bf16": True})
+CONFIGS.update(recipe_v4=RECIPE, teacher_autocast=RECIPE, teacher=RECIPE, recipe={**RECIPE, "module_bf16": True},
+               like=None)
 
 
 def parse_args(argv=None):
@@ -78,6 +82,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown:
         p.error(f"--configs: unknown {unknown}; valid: {','.join(CONFIGS)}")
+    if "like" in args.configs and not args.like:
+        p.error("--configs like: give the run whose recycle section to take, --like RUN_DIR")
     # what benchmarks.train_throughput's helpers read
     args.device, args.dtype, args.zero_stage = "cpu", "fp32", 0
     args.clock = "cpu" if args.threads == 1 else "wall"
@@ -108,16 +114,21 @@ def model_section(args):
 
 
 def build(name: str, args, run_dir: str):
-    from pretrain.config import RecycleSection, RunConfig, RunSection
+    from pretrain.config import RecycleSection, RunConfig, RunSection, load_config
     from pretrain.runtime import build_runtime
 
     from model.draft_vocab import FILE_NAME, DraftVocab
 
-    recycle = dict(CONFIGS[name])
+    if name == "like":
+        recycle = asdict(load_config(str(Path(args.like) / "config.yaml")).recycle)
+        recycle.pop("detach_base")
+    else:
+        recycle = dict(CONFIGS[name])
+        if recycle.get("draft_vocab"):
+            recycle["draft_vocab"] = args.draft_vocab
     if recycle.get("draft_vocab"):
         # The V' ids only pick rows; which ones does not change the cost. Written where the trainer looks for them.
-        recycle["draft_vocab"] = args.draft_vocab
-        DraftVocab(torch.arange(args.draft_vocab)).save(Path(run_dir) / FILE_NAME)
+        DraftVocab(torch.arange(recycle["draft_vocab"])).save(Path(run_dir) / FILE_NAME)
     cfg = RunConfig(model=model_section(args), train=train_section(args), run=RunSection(run_dir),
                     recycle=RecycleSection(detach_base=True, **recycle), seed=args.seed)
     rt = build_runtime(cfg)

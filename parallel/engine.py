@@ -26,8 +26,20 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.objective import LossOutput, RecycleObjective
 from model.spec import LocalSpec
+from parallel import bf16_choice
 from parallel.dims import ParallelDims, check_detach_base
 from parallel.setup import current
+
+
+def resolve_bf16(setting, device, model_cfg: ModelConfig) -> bool:
+    """recycle.base_bf16 / module_bf16 as a bool: 'auto' measured for the model's shapes (parallel/bf16_choice.py)."""
+    device = torch.device(device)
+    width, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
+    chosen = bf16_choice.resolve(setting, device, width, ffn)
+    if setting == "auto" and current().rank == 0:
+        why = f": a bf16 matmul ran {bf16_choice.bf16_speedup(width, ffn):.2f}x fp32's speed" if device.type == "cpu" else ""
+        print(f"[bf16] auto -> {'bf16' if chosen else 'fp32'} on {device}{why}", flush=True)
+    return chosen
 
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
@@ -56,7 +68,8 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
         module.objective = objective
         module.activation_checkpointing = activation_checkpointing
         if detach_base:
-            module.freeze_base(bf16=base_bf16, module_bf16=module_bf16)
+            module.freeze_base(bf16=resolve_bf16(base_bf16, ctx.device, model_cfg),
+                               module_bf16=resolve_bf16(module_bf16, ctx.device, model_cfg))
         mpu = ctx.grid
     else:
         module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, objective,

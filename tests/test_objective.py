@@ -280,6 +280,8 @@ def test_bad_objective_values_name_the_key(kwargs, message):
     ("recycle.base_bf16=true", "recycle.base_bf16=true runs a frozen base in bf16: set recycle.detach_base=true"),
     ("recycle.module_bf16=true", "recycle.module_bf16=true is mixed precision for a module on a frozen base: set "
                                  "recycle.detach_base=true"),
+    ("recycle.module_bf16=auto", "recycle.module_bf16=auto is mixed precision for a module on a frozen base"),
+    ("recycle.base_bf16=fast", "recycle.base_bf16='fast' must be true, false or auto"),
     (("parallel.tp=2", "recycle.draft_vocab=512"), "recycle.draft_vocab=512 with parallel.tp=2: the LM head is split"),
 ])
 def test_config_keys_are_checked_with_one_line_errors(override, message):
