@@ -38,8 +38,14 @@ def resolve_bf16(setting, device, model_cfg: ModelConfig) -> bool:
     chosen = bf16_choice.resolve(setting, device, width, ffn)
     if setting == "auto" and current().rank == 0:
         why = f": a bf16 matmul ran {bf16_choice.bf16_speedup(width, ffn):.2f}x fp32's speed" if device.type == "cpu" else ""
-        print(f"[bf16] auto -> {'bf16' if chosen else 'fp32'} on {device}{why}", flush=True)
+        line = f"[bf16] auto -> {'bf16' if chosen else 'fp32'} on {device}{why}"
+        if line not in _logged:         # the base's and the module's switch usually say the same
+            _logged.add(line)
+            print(line, flush=True)
     return chosen
+
+
+_logged: set[str] = set()
 
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,

@@ -75,7 +75,7 @@ def step_rate(run_dir: Path, steps: int = 20) -> float:
     try:
         run(python("-m", "pretrain.train", "--config", str(run_dir / "config.yaml"), f"run.dir={scratch}",
                    f"train.steps={steps}", "train.log_interval=1", f"train.eval_interval={steps}",
-                   f"checkpoint.interval={steps}", "log.plot=false", "log.tensorboard=false"))
+                   f"checkpoint.interval={steps}", "log.plot=false", "log.tensorboard=false", "recycle.init=random"))
         rows = [json.loads(line) for line in (scratch / "metrics.jsonl").read_text().splitlines()]
         return statistics.median(r["tokens_per_s"] for r in rows if "split" not in r and r["step"] > 5)
     finally:

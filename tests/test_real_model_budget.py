@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import LAUNCH_VARS, ROOT
 
 spec = importlib.util.spec_from_file_location("real_model", ROOT / "scripts" / "real_model.py")
 real_model = importlib.util.module_from_spec(spec)
@@ -31,8 +31,11 @@ def test_a_new_run_gets_the_steps_its_measured_rate_fits(tmp_path, monkeypatch, 
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    for name in LAUNCH_VARS:            # an earlier in-process run may have left its rendezvous port here
+        monkeypatch.delenv(name, raising=False)
     cfg = load_config("configs/tiny.yaml", [f"data.prefixes=[{sotu_prefix}]", "model.recycle_layers=1",
                                             "recycle.detach_base=true", "recycle.target=base", "train.steps=1000000",
+                                            "recycle.init=base_last_layers",
                                             f"run.dir={tmp_path}"])
     save_config(cfg, tmp_path / "config.yaml")
     real_model.size_to_budget(tmp_path, minutes=0.5)
