@@ -5,8 +5,9 @@ inference/.
 - row: as loaded, [out, in] contiguous.
 - column: `W.t().contiguous().t()`: equal values and shape, strides (1, out).
 - packed: column-major as above, and the Linear gains a oneDNN prepacked twin (`Linear.packed_weight`, an opaque
-  mkldnn tensor) that its forward multiplies by. For one row the column-major weight's kernel is sometimes the
-  faster one, so that choice is measured for the model (`OneRowKernel`). Why: inference/weight_layout.py.
+  mkldnn tensor) that its forward multiplies by. For 1-3 rows the column-major weight's kernel or the twin's for
+  4 rows is sometimes the faster one, so that choice is measured for the model (`FewRowKernel`). Why:
+  inference/weight_layout.py.
 """
 from __future__ import annotations
 
@@ -42,46 +43,60 @@ def pack(tensor: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(tensor.detach().contiguous(), PACK_ROWS)
 
 
-ONE_ROW = "one_row_kernel"   # the attribute of a packed Linear that holds its model's OneRowKernel
+FEW_ROWS = "few_row_kernel"  # the attribute of a packed Linear that holds its model's FewRowKernel
 
 
 def _onednn(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-ONE_ROW_KERNELS = {
+def _onednn_padded(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+    """oneDNN's kernel for the PACK_ROWS rows the twin was packed for, on x padded with zero rows (outputs dropped)."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    out = _onednn(torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, flat.shape[1])]), packed, bias)[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+FEW_ROW_KERNELS = {
     "mkl": lambda x, weight, packed, bias: nn.functional.linear(x, weight, bias),    # the column-major weight
     "onednn": lambda x, weight, packed, bias: _onednn(x, packed, bias),              # the packed twin
+    "padded": lambda x, weight, packed, bias: _onednn_padded(x, packed, bias),       # the twin, PACK_ROWS rows
 }
+# Before a measurement: oneDNN for one row; for 2-3, its kernel for the packed row count (a 2-token step of SmolLM2
+# took 1.5x a 1-token one on 2026-11-30, padded to 4 rows 1.1x).
+UNMEASURED = {1: "onednn", 2: "padded", 3: "padded"}
 
 
-class OneRowKernel:
-    """Which kernel multiplies one row (a 1-token decode step) by one model's packed Linears.
+class FewRowKernel:
+    """Which kernel multiplies 1 to PACK_ROWS - 1 rows (a decode step, a verify step of k + 1 <= 3 tokens) by one
+    model's packed Linears.
 
-    Neither always wins: a SmolLM2 1-token step on the 2-core EPYC took 42 (MKL) vs 51 ms (oneDNN) on one thread
-    on 2026-12-01, and 33-37 vs 27-32 ms on 2026-12-02 (on two threads oneDNN won both days). A kernel timed on
-    one weight in a loop misleads (the weight stays in cache; in a step every weight comes from memory): choices
-    per weight measured that way made the step 1.1x slower than oneDNN everywhere. So it is measured as a step
-    is run: one row through every Linear of the model in order, the kernels in alternation, medians compared;
-    once per thread count, at the first one-row product."""
+    None always wins, and the margins decide speedups: a SmolLM2 1-token step on a 2-core EPYC took 42 (MKL) vs 51 ms
+    (oneDNN) on one thread on 2026-12-01 and 33-37 vs 27-32 ms on 2026-12-02; on a 2-core Xeon without AMX
+    (2026-12-02, two threads) 29.0 (MKL) vs 34.8 ms (oneDNN), and for 2 rows MKL 34.8, oneDNN 36.9, padded 39.5 ms.
+    `standard` must get its fastest kernel too, or every speedup over it is inflated. A kernel timed on one weight
+    in a loop misleads (the weight stays in cache; in a step every weight comes from memory), so it is measured as
+    a step is run: the rows through every Linear of the model in order, the kernels in alternation, medians
+    compared; once per thread count and row count, at the first product of that many rows."""
 
     def __init__(self, linears: list[nn.Module]):
         self.linears = linears
-        self.choice: dict[int, str] = {}
+        self.choice: dict[tuple[int, int], str] = {}
 
-    def __call__(self) -> str:
-        threads = torch.get_num_threads()
-        if threads not in self.choice:
-            self.choice[threads] = self.measure()
-        return self.choice[threads]
+    def __call__(self, rows: int) -> str:
+        key = (torch.get_num_threads(), rows)
+        if key not in self.choice:
+            self.choice[key] = self.measure(rows)
+        return self.choice[key]
 
-    def measure(self, rounds: int = 7) -> str:
+    def measure(self, rows: int, rounds: int = 7) -> str:
         rng = torch.Generator().manual_seed(0)            # not the global one: decoding may be seeded by it
-        xs = [torch.randn(1, m.weight.shape[1], dtype=m.weight.dtype, generator=rng) for m in self.linears]
-        seconds = {name: [] for name in ONE_ROW_KERNELS}
+        xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype, generator=rng) for m in self.linears]
+        seconds = {name: [] for name in FEW_ROW_KERNELS}
         with torch.no_grad():
             for round_ in range(rounds + 1):                # round 0 warms up
-                for name, run in ONE_ROW_KERNELS.items():
+                for name, run in FEW_ROW_KERNELS.items():
                     start = time.perf_counter()
                     for m, x in zip(self.linears, xs):
                         run(x, m.weight, getattr(m, PACKED), m.bias)
@@ -91,32 +106,27 @@ class OneRowKernel:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None, one_row: OneRowKernel | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one; one row by
-    the kernel `one_row` measured faster for the model (oneDNN's without one)."""
+           bias: torch.Tensor | None = None, few_rows: FewRowKernel | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, multiplied by `weight`'s oneDNN twin `packed` when there is one; fewer than
+    PACK_ROWS rows by the kernel `few_rows` measured fastest for the model (UNMEASURED's without one)."""
     if packed is None:
         return nn.functional.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    if rows == 1:
-        return ONE_ROW_KERNELS[one_row() if one_row is not None else "onednn"](x, weight, packed, bias)
     if rows >= PACK_ROWS:
         return _onednn(x, packed, bias)
-    # 2-3 rows: oneDNN's kernel for the packed row count is faster than its own for fewer rows (a 2-token step of
-    # SmolLM2 took 1.5x a 1-token one, padded to 4 rows 1.1x), so pad with zero rows and drop their outputs.
-    flat = x.reshape(rows, x.shape[-1])
-    out = _onednn(torch.cat([flat, flat.new_zeros(PACK_ROWS - rows, flat.shape[1])]), packed, bias)[:rows]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    kernel = few_rows(rows) if few_rows is not None else UNMEASURED[rows]
+    return FEW_ROW_KERNELS[kernel](x, weight, packed, bias)
 
 
 def packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward with the prepacked twin (bound to a Linear by inference/weight_layout.py)."""
-    return linear(x, self.weight, getattr(self, PACKED), self.bias, getattr(self, ONE_ROW, None))
+    return linear(x, self.weight, getattr(self, PACKED), self.bias, getattr(self, FEW_ROWS, None))
 
 
 def like(tensor: torch.Tensor, head: nn.Module) -> tuple:
     """`tensor` (rows of `head.weight`) stored the way `head` multiplies, as the arguments after x of `linear`
-    (weight, packed twin or None, bias None, the head's OneRowKernel or None): the draft vocabulary's rows of the
+    (weight, packed twin or None, bias None, the head's FewRowKernel or None): the draft vocabulary's rows of the
     LM head, column- or row-major and packed as the head is."""
     dense = restride(tensor, "column" if is_column_major(head.weight) else "row")
     packed = getattr(head, PACKED, None) is not None
-    return dense, (pack(dense) if packed else None), None, (getattr(head, ONE_ROW, None) if packed else None)
+    return dense, (pack(dense) if packed else None), None, (getattr(head, FEW_ROWS, None) if packed else None)

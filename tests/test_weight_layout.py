@@ -49,36 +49,41 @@ def test_column_layout_stores_every_linear_transposed_with_equal_values():
             assert named[name].stride() == (1, p.shape[0]), name
 
 
-@pytest.mark.parametrize("one_row", sorted(strides.ONE_ROW_KERNELS))
-def test_packed_layout_multiplies_by_the_twin_and_one_row_by_the_kernel_measured_faster(monkeypatch, one_row):
+@pytest.mark.parametrize("kernel", sorted(strides.FEW_ROW_KERNELS))
+def test_packed_layout_multiplies_by_the_twin_and_few_rows_by_the_kernel_measured_faster(monkeypatch, kernel):
     measured = []
-    monkeypatch.setattr(strides.OneRowKernel, "measure", lambda self: measured.append(len(self.linears)) or one_row)
+    monkeypatch.setattr(strides.FewRowKernel, "measure",
+                        lambda self, rows: measured.append((len(self.linears), rows)) or kernel)
     row, packed = both_layouts("packed")
     assert weight_layout.layout_of(packed) == "packed"
     for module in weight_layout.linears(packed):          # every Linear, the LM head and the module's W_proj too
         assert module.packed_weight.is_mkldnn and weight_layout.is_column_major(module.weight)
     for name, p in row.named_parameters():               # equal values (tied, saved and trained weights read them)
         assert torch.equal(p, dict(packed.named_parameters())[name]), name
-    ids, one = torch.tensor([PROMPTS[3]]), torch.tensor([PROMPTS[3][:1]])
+    ids, one, two = torch.tensor([PROMPTS[3]]), torch.tensor([PROMPTS[3][:1]]), torch.tensor([PROMPTS[3][:2]])
+    n = len(weight_layout.linears(packed))
     with torch.no_grad():
-        want, want_one = row.hidden(ids), row.hidden(one)
+        want, want_one, want_two = row.hidden(ids), row.hidden(one), row.hidden(two)
         for module in weight_layout.linears(packed):      # blank the weights the model keeps; not the twins
             if module is not packed.lm_head:              # (the head's weight is the embedding's, tied)
                 module.weight.zero_()
-        torch.testing.assert_close(packed.hidden(ids), want, atol=1e-5, rtol=1e-5)    # rows: the twins
-        if one_row != "mkl":                                        # one row: the kernel measured fastest
-            torch.testing.assert_close(packed.hidden(one), want_one, atol=1e-5, rtol=1e-5)
-        else:
-            assert (packed.hidden(one) - want_one).abs().max() > 0.1                  # the (zeroed) weight
-        assert measured == [len(weight_layout.linears(packed))]    # once, over all of the model's Linears
+        torch.testing.assert_close(packed.hidden(ids), want, atol=1e-5, rtol=1e-5)    # 4+ rows: the twins
+        assert measured == []                                       # nothing measured for them
+        for few, expected in ((one, want_one), (two, want_two)):    # 1-3 rows: the kernel measured fastest
+            if kernel != "mkl":
+                torch.testing.assert_close(packed.hidden(few), expected, atol=1e-5, rtol=1e-5)
+            else:
+                assert (packed.hidden(few) - expected).abs().max() > 0.1          # the (zeroed) weight
+        assert measured == [(n, 1), (n, 2)]             # once per row count, over all of the model's Linears
         packed.hidden(one)
+        packed.hidden(two)
         threads = torch.get_num_threads()
         torch.set_num_threads(threads + 1)
         try:
             packed.hidden(one)
         finally:
             torch.set_num_threads(threads)                          # one_thread is module-scoped: restore now
-        assert len(measured) == 2                                   # again only for another thread count
+        assert measured == [(n, 1), (n, 2), (n, 1)]                 # again only for another thread count
     again = weight_layout.apply(packed, "row")            # another layout undoes the packing
     assert weight_layout.layout_of(again) == "row" and "packed_weight" not in vars(again.lm_head)
     with torch.no_grad():
@@ -110,10 +115,10 @@ def test_draft_vocabulary_rows_follow_the_heads_layout(layout):
     states = torch.randn(2, row.cfg.hidden_size)
     torch.testing.assert_close(vocab.logits(other, states), vocab.logits(row, states), atol=1e-5, rtol=1e-5)
     vocab.logits(other, states)
-    ((copied, twin, _, one_row),) = vocab._weights.values()
+    ((copied, twin, _, few_rows),) = vocab._weights.values()
     assert weight_layout.is_column_major(copied) and copied.shape == (4, row.cfg.hidden_size)
     assert (twin is not None and twin.is_mkldnn and twin.shape == copied.shape) == (layout == "packed")
-    assert one_row is getattr(other.lm_head, "one_row_kernel", None)      # the head's one-row choice
+    assert few_rows is getattr(other.lm_head, "few_row_kernel", None)     # the head's kernel choice
 
 
 @pytest.mark.parametrize("flags, expected", [([], "packed"), (["--weight-layout", "row"], "row"),
@@ -167,17 +172,18 @@ def test_auto_packs_only_when_the_twins_fit_in_memory(monkeypatch):
         weight_layout.apply_flag(copy.deepcopy(row), "packed", "cpu", torch.float32)
 
 
-def test_one_row_kernels_agree_and_the_measurement_picks_one():
+def test_few_row_kernels_agree_and_the_measurement_picks_one():
     _, packed = both_layouts("packed")
     head = packed.lm_head
-    x = torch.randn(1, head.weight.shape[1])
     with torch.no_grad():
-        for run in strides.ONE_ROW_KERNELS.values():
-            torch.testing.assert_close(run(x, head.weight, head.packed_weight, None), x @ head.weight.t(),
-                                       atol=1e-5, rtol=1e-5)
+        for rows in (1, 2, 3):
+            x = torch.randn(rows, head.weight.shape[1])
+            for run in strides.FEW_ROW_KERNELS.values():
+                torch.testing.assert_close(run(x, head.weight, head.packed_weight, None), x @ head.weight.t(),
+                                           atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     want = torch.rand(3)
     torch.manual_seed(5)
-    assert head.one_row_kernel.measure(rounds=2) in strides.ONE_ROW_KERNELS
+    assert head.few_row_kernel.measure(2, rounds=2) in strides.FEW_ROW_KERNELS
     assert torch.equal(torch.rand(3), want)                 # the global generator (seeded decoding) untouched
-    assert all(m.one_row_kernel is head.one_row_kernel for m in weight_layout.linears(packed))   # one per model
+    assert all(m.few_row_kernel is head.few_row_kernel for m in weight_layout.linears(packed))   # one per model
