@@ -10,13 +10,14 @@ in fp32:
 - row: the MKL kernels for 2-3 rows are slow (a 2-token step cost ~2x a 1-token one);
 - column: a 1-token step ~1.3x faster than row, but a step of k + 1 tokens still costs ~(k + 1)/2 1-token ones;
 - packed: oneDNN's prepacked kernels read each weight once for a few rows (2-3 rows padded to the 4 the twin
-  was packed for, where that measures faster), so a step of 2-4 tokens of SmolLM2 costs 1.13-1.14 1-token steps on one thread and
-  1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row neither kernel always wins: on
-  one thread oneDNN was ~1.2x slower than column's kernel on 2026-12-01 and ~1.2x faster on 2026-12-02 (on two,
-  ~1.25x faster both days). Which kernel 1-3 rows take (MKL's for the column-major weight, oneDNN's, or oneDNN's
-  for 4 rows on padded input) is therefore measured for the model, once per thread count and row count, at the
-  first such product (model/strides.py `FewRowKernel`): `standard` must get the faster kernel too, or every
-  speedup over it is inflated. The multi-token steps of `verify` and `recycle` become nearly free. It costs a
+  was packed for, where that measures faster), so a step of 2-4 tokens of SmolLM2 costs 1.13-1.14 1-token steps
+  on one thread and 1.03-1.11 on two, and a 32-token prefill takes 0.6-0.8x the time. For one row neither kernel
+  always wins: on one thread oneDNN was ~1.2x slower than column's kernel on 2026-12-01 and ~1.2x faster on
+  2026-12-02 (on two, ~1.25x faster both days; 1.2x slower on a Xeon without AMX). Which kernel 1-3 rows take
+  (MKL's for the column-major weight, oneDNN's, or oneDNN's for 4 rows on padded input) is therefore measured for
+  the model, once per thread count and row count, at the first such product (model/strides.py `FewRowKernel`):
+  `standard` must get the faster kernel too, or every speedup over it is inflated. The multi-token steps of
+  `verify` and `recycle` become nearly free. It costs a
   second copy of every Linear weight in memory, and megatron's tensor-parallel linears have no packed path.
 In bf16 row-major is best (its oneDNN kernels are already flat in the row count; the column-major LM head is
 ~1.4x slower). So `auto` is `packed` for fp32 on a CPU with one tensor-parallel rank (`column` with more) and `row`

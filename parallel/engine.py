@@ -30,6 +30,8 @@ from parallel import bf16_choice
 from parallel.dims import ParallelDims, check_detach_base
 from parallel.setup import current
 
+_logged: set[str] = set()           # [bf16] lines printed, so each is printed once
+
 
 def resolve_bf16(setting, device, model_cfg: ModelConfig) -> bool:
     """recycle.base_bf16 / module_bf16 as a bool: 'auto' measured for the model's shapes (parallel/bf16_choice.py)."""
@@ -37,15 +39,13 @@ def resolve_bf16(setting, device, model_cfg: ModelConfig) -> bool:
     width, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
     chosen = bf16_choice.resolve(setting, device, width, ffn)
     if setting == "auto" and current().rank == 0:
-        why = f": a bf16 matmul ran {bf16_choice.bf16_speedup(width, ffn):.2f}x fp32's speed" if device.type == "cpu" else ""
+        why = f": a bf16 matmul ran {bf16_choice.bf16_speedup(width, ffn):.2f}x fp32's speed" \
+            if device.type == "cpu" else ""
         line = f"[bf16] auto -> {'bf16' if chosen else 'fp32'} on {device}{why}"
         if line not in _logged:         # the base's and the module's switch usually say the same
             _logged.add(line)
             print(line, flush=True)
     return chosen
-
-
-_logged: set[str] = set()
 
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,

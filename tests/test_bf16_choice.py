@@ -57,8 +57,9 @@ def test_the_engine_resolves_auto_for_the_frozen_base_and_the_module(monkeypatch
     from pretrain.config import load_config
     from pretrain.runtime import build_runtime
 
-    cfg = load_config("configs/tiny.yaml", ["data.prefixes=[x]", "model.recycle_layers=1", "recycle.detach_base=true",
-                                            "recycle.base_bf16=auto", "recycle.module_bf16=auto", f"run.dir={tmp_path}"])
+    cfg = load_config("configs/tiny.yaml", ["data.prefixes=[x]", "model.recycle_layers=1",
+                                            "recycle.detach_base=true", "recycle.base_bf16=auto",
+                                            "recycle.module_bf16=auto", f"run.dir={tmp_path}"])
     m = cfg.model.build()
     monkeypatch.setattr(bf16_choice, "_measured",
                         {(m.hidden_size, m.ffn_hidden_size, 1024, torch.get_num_threads()): speedup})
