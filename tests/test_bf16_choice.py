@@ -1,5 +1,7 @@
 """recycle.base_bf16 / module_bf16 = auto (parallel/bf16_choice.py): bf16 only where this machine multiplies it faster,
 measured once, decided alike on every rank, and what the engine's frozen base then runs."""
+import os
+
 import pytest
 import torch
 
@@ -56,6 +58,7 @@ def test_the_engine_resolves_auto_for_the_frozen_base_and_the_module(monkeypatch
     from parallel.setup import destroy
     from pretrain.config import load_config
     from pretrain.runtime import build_runtime
+    from tests.helpers import LAUNCH_VARS
 
     cfg = load_config("configs/tiny.yaml", ["data.prefixes=[x]", "model.recycle_layers=1",
                                             "recycle.detach_base=true", "recycle.base_bf16=auto",
@@ -63,9 +66,12 @@ def test_the_engine_resolves_auto_for_the_frozen_base_and_the_module(monkeypatch
     m = cfg.model.build()
     monkeypatch.setattr(bf16_choice, "_measured",
                         {(m.hidden_size, m.ffn_hidden_size, 1024, torch.get_num_threads()): speedup})
+    launch = {k: os.environ.get(k) for k in LAUNCH_VARS}     # the in-process rendezvous sets them
     try:
         model = build_runtime(cfg).engine.module
         assert model.base_bf16 is (speedup > 1)
         assert model.frozen.bf16 is (speedup > 1) and model.frozen.module_bf16 is (speedup > 1)
     finally:
         destroy()
+        for key, value in launch.items():     # later tests start their own ranks: leave them no port in use
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
