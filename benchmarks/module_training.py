@@ -25,8 +25,7 @@ functions this reuses; CPU: one thread and the process CPU-time clock):
   recipe         configs/smollm2-recycle.yaml's step as of v5: teacher, and the module's step under bf16 autocast
                  (recycle.module_bf16)
   like           the recycle section of --like's config.yaml as it is (recycle.base_bf16 / module_bf16 = auto
-                 resolved on this machine, as the trainer resolves them): what `make real-model` measures to size
-                 its steps to its time budget
+                 resolved on this machine, as the trainer resolves them)
 
 --like RUN_DIR takes the model shapes (not the weights: speed does not depend on them) from a run's config,
 e.g. the imported SmolLM2-135M, whose 49152-token head is where a draft vocabulary pays most.

@@ -11,6 +11,7 @@ inference/.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -93,16 +94,26 @@ class FewRowKernel:
     def measure(self, rows: int, rounds: int = 7) -> str:
         rng = torch.Generator().manual_seed(0)            # not the global one: decoding may be seeded by it
         xs = [torch.randn(rows, m.weight.shape[1], dtype=m.weight.dtype, generator=rng) for m in self.linears]
-        seconds = {name: [] for name in FEW_ROW_KERNELS}
-        with torch.no_grad():
-            for round_ in range(rounds + 1):                # round 0 warms up
-                for name, run in FEW_ROW_KERNELS.items():
-                    start = time.perf_counter()
-                    for m, x in zip(self.linears, xs):
-                        run(x, m.weight, getattr(m, PACKED), m.bias)
-                    if round_:
-                        seconds[name].append(time.perf_counter() - start)
-        return min(seconds, key=lambda name: statistics.median(seconds[name]))
+
+        def step(run):
+            for m, x in zip(self.linears, xs):
+                run(x, m.weight, getattr(m, PACKED), m.bias)
+        seconds = median_seconds({name: functools.partial(step, run) for name, run in FEW_ROW_KERNELS.items()}, rounds)
+        return min(seconds, key=seconds.get)
+
+
+def median_seconds(runs: dict, rounds: int) -> dict:
+    """{name: median seconds of `runs[name]()`}, the runs timed in alternation (a change of machine load hits all
+    alike) for `rounds` rounds after one that warms up; under no_grad."""
+    seconds = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if round_:
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None,

@@ -11,11 +11,10 @@ group the ranks keep bf16 only if all of them measured it faster.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+
+from model.strides import median_seconds
 
 _measured: dict[tuple, float] = {}
 
@@ -34,15 +33,8 @@ def bf16_speedup(width: int, ffn: int, rows: int = 1024, rounds: int = 5) -> flo
         x = torch.randn(rows, width, generator=rng)
         w = torch.randn(ffn, width, generator=rng)
         pairs = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
-        seconds = {dtype: [] for dtype in pairs}
-        with torch.no_grad():
-            for round_ in range(rounds + 1):            # round 0 warms up
-                for dtype, (a, b) in pairs.items():
-                    start = time.perf_counter()
-                    F.linear(a, b)
-                    if round_:
-                        seconds[dtype].append(time.perf_counter() - start)
-        _measured[key] = statistics.median(seconds[torch.float32]) / statistics.median(seconds[torch.bfloat16])
+        seconds = median_seconds({dtype: lambda a=a, b=b: F.linear(a, b) for dtype, (a, b) in pairs.items()}, rounds)
+        _measured[key] = seconds[torch.float32] / seconds[torch.bfloat16]
     return _measured[key]
 
 

@@ -30,22 +30,21 @@ from parallel import bf16_choice
 from parallel.dims import ParallelDims, check_detach_base
 from parallel.setup import current
 
-_logged: set[str] = set()           # [bf16] lines printed, so each is printed once
 
-
-def resolve_bf16(setting, device, model_cfg: ModelConfig) -> bool:
-    """recycle.base_bf16 / module_bf16 as a bool: 'auto' measured for the model's shapes (parallel/bf16_choice.py)."""
+def resolve_bf16(base_bf16, module_bf16, device, model_cfg: ModelConfig) -> tuple[bool, bool]:
+    """recycle.base_bf16 / module_bf16 as bools: 'auto' measured once for the model's shapes and logged once
+    (parallel/bf16_choice.py)."""
+    settings = (base_bf16, module_bf16)
+    if "auto" not in settings:
+        return bool(base_bf16), bool(module_bf16)
     device = torch.device(device)
     width, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
-    chosen = bf16_choice.resolve(setting, device, width, ffn)
-    if setting == "auto" and current().rank == 0:
+    auto = bf16_choice.resolve("auto", device, width, ffn)
+    if current().rank == 0:
         why = f": a bf16 matmul ran {bf16_choice.bf16_speedup(width, ffn):.2f}x fp32's speed" \
             if device.type == "cpu" else ""
-        line = f"[bf16] auto -> {'bf16' if chosen else 'fp32'} on {device}{why}"
-        if line not in _logged:         # the base's and the module's switch usually say the same
-            _logged.add(line)
-            print(line, flush=True)
-    return chosen
+        print(f"[bf16] auto -> {'bf16' if auto else 'fp32'} on {device}{why}", flush=True)
+    return tuple(auto if s == "auto" else bool(s) for s in settings)
 
 
 def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, seed: int,
@@ -74,8 +73,8 @@ def build_engine(model_cfg: ModelConfig, dims: ParallelDims, ds_config: dict, se
         module.objective = objective
         module.activation_checkpointing = activation_checkpointing
         if detach_base:
-            module.freeze_base(bf16=resolve_bf16(base_bf16, ctx.device, model_cfg),
-                               module_bf16=resolve_bf16(module_bf16, ctx.device, model_cfg))
+            base_in_bf16, module_in_bf16 = resolve_bf16(base_bf16, module_bf16, ctx.device, model_cfg)
+            module.freeze_base(bf16=base_in_bf16, module_bf16=module_in_bf16)
         mpu = ctx.grid
     else:
         module = RecyclePipe(model_cfg, spec, ctx.topology, seed if init_state is None else None, objective,

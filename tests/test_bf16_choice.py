@@ -53,25 +53,32 @@ def test_measured_once_per_shape_and_thread_count_without_touching_the_global_rn
     assert len(bf16_choice._measured) == 2                                    # another shape is
 
 
-@pytest.mark.parametrize("speedup", [2.0, 0.6])
-def test_the_engine_resolves_auto_for_the_frozen_base_and_the_module(monkeypatch, tmp_path, speedup):
+@pytest.mark.parametrize("base, module, speedup, want", [("auto", "auto", 2.0, (True, True)),
+                                                         ("auto", "auto", 0.6, (False, False)),
+                                                         ("true", "auto", 0.6, (True, False)),
+                                                         ("auto", "false", 2.0, (True, False))])
+def test_the_engine_resolves_auto_for_the_frozen_base_and_the_module(monkeypatch, tmp_path, base, module, speedup,
+                                                                      want):
     from parallel.setup import destroy
     from pretrain.config import load_config
     from pretrain.runtime import build_runtime
     from tests.helpers import LAUNCH_VARS
 
     cfg = load_config("configs/tiny.yaml", ["data.prefixes=[x]", "model.recycle_layers=1",
-                                            "recycle.detach_base=true", "recycle.base_bf16=auto",
-                                            "recycle.module_bf16=auto", f"run.dir={tmp_path}"])
+                                            "recycle.detach_base=true", f"recycle.base_bf16={base}",
+                                            f"recycle.module_bf16={module}", f"run.dir={tmp_path}"])
     m = cfg.model.build()
     monkeypatch.setattr(bf16_choice, "_measured",
                         {(m.hidden_size, m.ffn_hidden_size, 1024, torch.get_num_threads()): speedup})
     launch = {k: os.environ.get(k) for k in LAUNCH_VARS}     # the in-process rendezvous sets them
     try:
         model = build_runtime(cfg).engine.module
-        assert model.base_bf16 is (speedup > 1)
-        assert model.frozen.bf16 is (speedup > 1) and model.frozen.module_bf16 is (speedup > 1)
+        assert model.base_bf16 is want[0]
+        assert (model.frozen.bf16, model.frozen.module_bf16) == want
     finally:
         destroy()
         for key, value in launch.items():     # later tests start their own ranks: leave them no port in use
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
