@@ -8,7 +8,8 @@ Runs `python -m inference.benchmark` once per (temperature, batch size) with eve
 vocabularies (one process each, so each comparison is side by side under the same load), keeps each run's
 JSON + PNG next to the output, and writes the combined FILE.json, FILE.png and a markdown table (FILE.md).
 Extra arguments after `--` go to every benchmark run (e.g. `-- --new-tokens 48`). `--draft-width 1,4` adds the
-module's top-4 tokens verified side by side at k = 1 to the batch-1 runs (inference/tree_verify.py).
+module's top-4 tokens verified side by side at k = 1 to the batch-1 runs, `--lookup 0,8` copies of up to 8
+tokens from earlier in the text (inference/tree_verify.py, inference/lookup.py).
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def config_command(args, temperature: float, batch: int, extra: list[str]) -> li
            "--batch-size", str(batch), "--temperature", str(temperature), "--threads", "1", "--output", str(out)]
     if args.draft_vocab:
         cmd += ["--draft-vocab", args.draft_vocab, "--compare-draft-vocab"]
-    if batch == 1 and args.draft_width != "1":       # wider drafts decode one prompt at a time
+    if batch == 1 and args.draft_width != "1":       # token trees decode one prompt at a time
         cmd += ["--draft-width", args.draft_width]
+    if batch == 1 and args.lookup != "0":
+        cmd += ["--lookup", args.lookup]
     return cmd + extra
 
 
@@ -63,14 +66,16 @@ def run_configs(args, configs: list[tuple[float, int]], extra: list[str]) -> lis
 
 
 def table(reports: list[dict]) -> str:
-    lines = ["| T | batch | entry | k | W | draft vocab | tokens/s | speedup (best) | predicted | tau | acceptance |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | batch | entry | k | W | L | draft vocab | tokens/s | speedup (best) | predicted | tau "
+             "| acceptance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rep in reports:
         for name, r in rep["modes"].items():
             acc = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f} %"
             pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "-"
-            k, w = (r["draft_len"], r.get("draft_width", 1)) if r["mode"] == "verify" else ("-", "-")
-            lines.append(f"| {rep['temperature']} | {rep['batch_size']} | {name} | {k} | {w} | "
+            k, w, n = ((r["draft_len"], r.get("draft_width", 1), r.get("lookup", 0)) if r["mode"] == "verify"
+                       else ("-", "-", "-"))
+            lines.append(f"| {rep['temperature']} | {rep['batch_size']} | {name} | {k} | {w} | {n} | "
                          f"{'yes' if r['draft_vocab'] else 'no'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
                          f"({r['speedup_best']:.2f}x) | {pred} | {r['tau']:.2f} | {acc} |")
     return "\n".join(lines)
@@ -102,13 +107,14 @@ def plot(reports: list[dict], path: Path):
         top, bottom = axes[0][col], axes[1][col]
         for dv, style in ((False, "o-"), (True, "s--")):
             verify = [r for r in modes.values() if r["mode"] == "verify" and r["draft_vocab"] == dv]
-            pts = sorted((r["draft_len"], r) for r in verify if r.get("draft_width", 1) == 1)
+            pts = sorted((r["draft_len"], r) for r in verify if r.get("draft_width", 1) == 1 and not r.get("lookup"))
             label = "verify" + (" + draft vocab" if dv else "")
             if pts:
                 top.plot([k for k, _ in pts], [r["tokens_per_s"] for _, r in pts], style, label=label)
                 bottom.plot([k for k, _ in pts], [r["tau"] for _, r in pts], style, label=label)
-            for r in (r for r in verify if r.get("draft_width", 1) > 1):     # k = 1, W candidates: one point each
-                wide = f"{label}, W={r['draft_width']}"
+            trees = [r for r in verify if r.get("draft_width", 1) != 1 or r.get("lookup")]
+            for r in trees:                                                 # k = 1 token trees: one point each
+                wide = f"{label}, W={r['draft_width']}" + (f", L={r['lookup']}" if r.get("lookup") else "")
                 top.plot([1], [r["tokens_per_s"]], "^" if dv else "v", label=wide)
                 bottom.plot([1], [r["tau"]], "^" if dv else "v", label=wide)
         for name, color in (("standard", "#888"), ("recycle", "#3a7")):
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--draft-width", default="1", metavar="W[,W...]",
                    help="also verify the module's top W tokens at k = 1 (batch-1 configurations only)")
+    p.add_argument("--lookup", default="0", metavar="L[,L...]",
+                   help="also verify copies of up to L tokens from earlier in the text at k = 1 (batch 1 only)")
     p.add_argument("--parallel", action="store_true", help="run the configurations at the same time")
     p.add_argument("--output", required=True, metavar="FILE.json")
     args = p.parse_args(argv)

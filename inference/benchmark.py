@@ -3,6 +3,7 @@
     python -m inference.benchmark --preset 125m --random-init --modes standard,recycle,verify --output b.json
     python -m inference.benchmark --model DIR --prompt-corpus assets/corpus/brown.jsonl.zst \\
         --draft-len 1,2,3,4,auto --draft-vocab DIR/draft_vocab.safetensors --compare-draft-vocab --output b.json
+    python -m inference.benchmark --model DIR --prompt-corpus FILE --draft-width 0,1,4 --lookup 0,8 --output b.json
 
 All modes run in one process on the same prompts, with interleaved repeats (the order rotates each repeat)
 after a warmup, so that machine noise hits every mode alike; repeat r decodes the r-th batch of prompts in
@@ -32,8 +33,8 @@ import sys
 from pathlib import Path
 
 from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_draft_width,
-                           check_model_args, model_from_args, parse_draft_len, parse_draft_widths, run_main,
-                           sampling_from_args)
+                           check_model_args, model_from_args, parse_draft_len, parse_draft_widths, parse_lookups,
+                           run_main, sampling_from_args)
 from inference.decoding import MODES
 from inference.draft_vocab import load_draft_vocab
 
@@ -71,23 +72,25 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def entries(modes, draft_lens, with_vocab: list[bool], widths=(1,)) -> list[dict]:
-    """The runs to compare: name, mode, draft_len (int or 'auto'), draft_width, whether the draft vocabulary is
-    used. Widths > 1 (inference/tree_verify.py) go with k = 1 only: `verify_k1_w4`, `verify_w4` ..."""
+def entries(modes, draft_lens, with_vocab: list[bool], widths=(1,), lookups=(0,)) -> list[dict]:
+    """The runs to compare: name, mode, draft_len (int or 'auto'), draft_width, lookup, whether the draft
+    vocabulary is used. Token trees (inference/tree_verify.py: widths other than 1, lookups > 0) go with k = 1
+    only: `verify_k1_w4`, `verify_w4`, `verify_l8`, `verify_w0_l8` (lookup alone) ..."""
     out = []
     for mode in modes:
         if mode != "verify":
             # recycle drafts over the draft vocabulary when one is given (and not being compared)
-            out.append({"name": mode, "mode": mode, "draft_len": 1, "draft_width": 1,
+            out.append({"name": mode, "mode": mode, "draft_len": 1, "draft_width": 1, "lookup": 0,
                         "draft_vocab": mode == "recycle" and with_vocab == [True]})
             continue
         for k in draft_lens:
             for dv in with_vocab:
                 name = "verify" + ("" if len(draft_lens) == 1 else f"_k{k}" if k != "auto" else "_auto")
-                for w in (widths if k == 1 else [1]):
-                    out.append({"name": name + (f"_w{w}" if w > 1 else "") + ("_dv" if dv and len(with_vocab) > 1
-                                                                               else ""),
-                                "mode": "verify", "draft_len": k, "draft_width": w, "draft_vocab": dv})
+                trees = [(w, n) for w in widths for n in lookups if w or n] if k == 1 else [(1, 0)]
+                for w, n in trees:
+                    tree = (f"_w{w}" if w != 1 else "") + (f"_l{n}" if n else "")
+                    out.append({"name": name + tree + ("_dv" if dv and len(with_vocab) > 1 else ""),
+                                "mode": "verify", "draft_len": k, "draft_width": w, "lookup": n, "draft_vocab": dv})
     return out
 
 
@@ -144,7 +147,7 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
             k = AutoDraftLen(base_costs["cost_ratio"], *draft_costs(base_costs, entry["draft_vocab"]))
         return generate_batch(model, prompts, entry["mode"], n, draft_len=k, sampling=sampling,
                               draft_vocab=draft_vocab if entry["draft_vocab"] else None,
-                              draft_width=entry["draft_width"])
+                              draft_width=entry["draft_width"], lookup=entry["lookup"])
 
     for entry in todo:                       # warmup: allocator, kernels, first-call overheads
         run(entry, batches[0], min(new_tokens, 8))
@@ -167,7 +170,8 @@ def run_entries(model, batches, todo, new_tokens, sampling, draft_vocab, costs, 
                 used[k] = used.get(k, 0) + n
         results[entry["name"]] = {
             "mode": entry["mode"], "draft_len": max(used, key=used.get), "draft_len_auto": entry["draft_len"] == "auto",
-            "draft_lens_used": used, "draft_width": entry["draft_width"], "draft_vocab": bool(entry["draft_vocab"]),
+            "draft_lens_used": used, "draft_width": entry["draft_width"], "lookup": entry["lookup"],
+            "draft_vocab": bool(entry["draft_vocab"]),
             "temperature": sampling.temperature, "batch_size": len(batches[0]),
             "tokens_per_s": statistics.median(tps), "tokens_per_s_best": max(tps), "tokens_per_s_runs": tps,
             "tau": tokens / forwards, "tau_cycle": (tokens - len(stats)) / max(forwards - len(stats), 1),
@@ -184,7 +188,7 @@ def compare(results: dict, costs: dict, greedy: bool):
 
     std = results.get("standard")
     for res in results.values():
-        if res["mode"] == "verify":
+        if res["mode"] == "verify" and not res["lookup"]:    # a lookup's tree size varies per cycle: no prediction
             cost = cycle_cost(res["draft_len"], costs["cost_ratio"], *draft_costs(costs, res["draft_vocab"]),
                               width=res["draft_width"])
             res["predicted_speedup"] = res["tau_cycle"] / cost
@@ -271,12 +275,16 @@ def main(argv=None) -> int:
     modes = parse_modes(args.modes)
     draft_lens = list(dict.fromkeys(parse_draft_len(t.strip(), args.max_draft_len) for t in args.draft_len.split(",")))
     sampling = sampling_from_args(args)
-    args.draft_width = widths = parse_draft_widths(args.draft_width)       # parsed once: a list from here on
-    if max(widths) > 1:
+    args.draft_width = widths = parse_draft_widths(args.draft_width)       # parsed once: lists from here on
+    args.lookup = lookups = parse_lookups(args.lookup)
+    if widths != [1] or lookups != [0]:
         if 1 not in draft_lens:
-            raise UsageError(f"--draft-width {','.join(map(str, widths))}: widths > 1 go with --draft-len 1; add 1 to "
-                             "--draft-len")
-        check_draft_width(max(widths), "verify", 1, args.batch_size)
+            raise UsageError(f"--draft-width {','.join(map(str, widths))} --lookup {','.join(map(str, lookups))}: "
+                             "token trees go with --draft-len 1; add 1 to --draft-len")
+        if 0 in widths and lookups == [0]:
+            raise UsageError("--draft-width 0 (the module idle) needs --lookup L > 0")
+        for w in widths:
+            check_draft_width(w, "verify", 1, args.batch_size, max(lookups))
     for name in ("prompt_len", "new_tokens", "repeats", "batch_size", "cost_rounds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
@@ -299,7 +307,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     max_k = max([k for k in draft_lens if k != "auto"] + [args.max_draft_len if "auto" in draft_lens else 1]
-                + widths)                           # step costs up to c(1 + max(k, W))
+                + [w + max(lookups) for w in widths])        # step costs up to c(1 + max(k, W + L))
     model, tokenizer, device, dtype, description = model_from_args(args, args.prompt_len + args.new_tokens + max_k + 1)
     try:
         return benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, tokenizer, device, dtype,
@@ -343,7 +351,7 @@ def benchmark(args, modes, draft_lens, sampling, max_k, out, baseline, model, to
     prompts = make_prompts(args, model, tokenizer, args.batch_size * args.repeats)
     batches = [prompts[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.repeats)]
     with_vocab = [False, True] if args.compare_draft_vocab else [draft_vocab is not None]
-    todo = entries(modes, draft_lens, with_vocab, args.draft_width)
+    todo = entries(modes, draft_lens, with_vocab, args.draft_width, args.lookup)
     context = args.prompt_len + args.new_tokens // 2                          # the mid-generation length
     costs = StepCosts(model, prompts[0], context, max_k + 1, batch=args.batch_size, draft_vocab=draft_vocab)
     costs.sample(min(10, args.cost_rounds))  # before the runs: what --draft-len auto decides from

@@ -60,8 +60,12 @@ def add_decoding_args(parser: argparse.ArgumentParser, draft_len_default: str = 
                         "step costs and acceptance)")
     parser.add_argument("--max-draft-len", type=int, default=4, metavar="K", help="upper limit for --draft-len auto")
     parser.add_argument("--draft-width", default="1", metavar="W", help="verify with --draft-len 1, batch 1: "
-                        "check the module's W most likely tokens side by side in one full forward (a depth-1 token "
-                        "tree, inference/tree_verify.py); the benchmark takes a comma-separated list")
+                        "check the module's W most likely tokens side by side in one full forward (a token tree, "
+                        "inference/tree_verify.py; 0 with --lookup: the module idle); the benchmark takes a "
+                        "comma-separated list")
+    parser.add_argument("--lookup", default="0", metavar="L", help="verify with --draft-len 1, batch 1: also draft "
+                        "up to L tokens copied from where the text's last tokens occurred before (prompt lookup, "
+                        "inference/lookup.py; 0 = off); the benchmark takes a comma-separated list")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples, "
                         "losslessly in standard and verify (any --draft-len or --draft-width)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
@@ -76,22 +80,31 @@ def add_draft_vocab_arg(parser: argparse.ArgumentParser):
 
 
 def parse_draft_widths(text: str) -> list[int]:
-    """--draft-width W or W1,W2,...: ints >= 1, duplicates dropped."""
+    """--draft-width W or W1,W2,...: ints >= 0 (0 only with --lookup), duplicates dropped."""
+    return parse_int_list(text, "--draft-width", "give an int >= 1 (or a comma-separated list in the benchmark)")
+
+
+def parse_lookups(text: str) -> list[int]:
+    """--lookup L or L1,L2,...: ints >= 0, duplicates dropped."""
+    return parse_int_list(text, "--lookup", "give an int >= 0 (0 = off; or a comma-separated list in the benchmark)")
+
+
+def parse_int_list(text: str, flag: str, fix: str) -> list[int]:
     try:
-        widths = list(dict.fromkeys(int(t) for t in str(text).split(",")))
+        values = list(dict.fromkeys(int(t) for t in str(text).split(",")))
     except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        raise UsageError(f"--draft-width {text!r}: give an int >= 1 (or a comma-separated list in the benchmark)")
-    return widths
+        values = []
+    if not values or min(values) < 0:
+        raise UsageError(f"{flag} {text!r}: {fix}")
+    return values
 
 
-def check_draft_width(width: int, mode: str, draft_len, batch: int):
-    """inference.decoding's rule for --draft-width, as a usage error before any model is loaded."""
+def check_draft_width(width: int, mode: str, draft_len, batch: int, lookup: int = 0):
+    """inference.decoding's rule for --draft-width and --lookup, as a usage error before any model is loaded."""
     from inference.decoding import DecodingError, check_width
 
     try:
-        check_width(width, mode, draft_len, batch)
+        check_width(width, mode, draft_len, batch, lookup)
     except DecodingError as err:
         raise UsageError(str(err)) from None
 

@@ -33,7 +33,7 @@ from inference.drafting import decode_verify
 from inference.rows import (  # noqa: F401  (DecodeStats, Generation: part of the API)
     BatchGeneration, DecodeStats, Generation, Rows, module_choice, module_prefill, prefill)
 from inference.sampling import GREEDY, Sampler, Sampling
-from inference.tree_verify import decode_verify_width
+from inference.tree_verify import decode_verify_tree
 
 MODES = ("standard", "recycle", "verify")
 LOSSLESS = ("standard", "verify")
@@ -78,15 +78,16 @@ def check_request(model, mode: str, prompt_lens: list[int], max_new_tokens: int,
 @torch.inference_mode()
 def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
                    *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None,
-                   max_auto_draft_len: int = 4, draft_width: int = 1) -> BatchGeneration:
+                   max_auto_draft_len: int = 4, draft_width: int = 1, lookup: int = 0) -> BatchGeneration:
     """Continue several prompts (lists of ids) in one batch; each row's tokens equal its batch-1 tokens
     (greedy, fp32). `draft_len`: tokens the module drafts per verify cycle, 'auto' (measure the step costs
     now, then pick k <= max_auto_draft_len per cycle), or a policy from inference.draft_policy;
     `draft_vocab`: an inference.draft_vocab.DraftVocab for the module's logits (verify and recycle);
-    `draft_width`: verify's W most likely first drafts checked side by side (inference/tree_verify.py)."""
+    `draft_width`: verify's W most likely first drafts checked side by side (inference/tree_verify.py);
+    `lookup`: verify also drafts up to this many tokens copied from earlier in the text (inference/lookup.py)."""
     prompts = [_prompt_list(p) for p in prompts]
     check_request(model, mode, [len(p) for p in prompts], max_new_tokens, sampling)
-    check_width(draft_width, mode, draft_len, len(prompts))
+    check_width(draft_width, mode, draft_len, len(prompts), lookup)
     if isinstance(draft_len, (FixedDraftLen, AutoDraftLen)):
         policy = draft_len
     elif draft_len == "auto":
@@ -110,13 +111,13 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
                   if mode == "verify" else FixedDraftLen(1))
     max_k = policy.max_k if isinstance(policy, AutoDraftLen) else policy.k
     # Room for verify's drafts past the last emitted token before it knows which to keep.
-    cache_len = max(len(p) for p in prompts) + max_new_tokens + max(max_k, draft_width) + 1
+    cache_len = max(len(p) for p in prompts) + max_new_tokens + max(max_k, draft_width + lookup) + 1
     caches = model.new_caches(len(prompts), cache_len, device=device)
     rows = Rows(prompts, mode, max_new_tokens, eos_id, Sampler(sampling, device), max_k, device)
     start = time.perf_counter()
     try:
-        if mode == "verify" and draft_width > 1:
-            forwards = decode_verify_width(model, rows, caches, draft_width, draft_vocab, start)
+        if mode == "verify" and (draft_width != 1 or lookup):
+            forwards = decode_verify_tree(model, rows, caches, draft_width, lookup, draft_vocab, start)
         elif mode == "verify":
             forwards = decode_verify(model, rows, caches, policy, draft_vocab, start)
         else:
@@ -131,20 +132,27 @@ def generate_batch(model, prompts, mode: str = "standard", max_new_tokens: int =
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     for b, s in enumerate(rows.stats):
-        s.seconds, s.new_tokens, s.draft_width = seconds, len(rows.tokens[b]), draft_width
+        s.seconds, s.new_tokens, s.draft_width, s.lookup = seconds, len(rows.tokens[b]), draft_width, lookup
     return BatchGeneration([Generation(t, s) for t, s in zip(rows.tokens, rows.stats)], seconds, forwards)
 
 
-def check_width(width, mode: str, draft_len, batch: int):
-    if not isinstance(width, int) or width < 1:
-        raise DecodingError(f"draft_width={width!r} must be an int >= 1 (1 = one candidate per drafted token)")
-    if width == 1:
+def check_width(width, mode: str, draft_len, batch: int, lookup=0):
+    """The token-tree flags (inference/tree_verify.py): --draft-width W and --lookup L."""
+    if not isinstance(lookup, int) or lookup < 0:
+        raise DecodingError(f"lookup={lookup!r} must be an int >= 0 (0 = off; L = draft up to L tokens copied from "
+                            "earlier in the text)")
+    if not isinstance(width, int) or width < (0 if lookup else 1):
+        raise DecodingError(f"draft_width={width!r} must be an int >= 1 (1 = one candidate per drafted token; 0 only "
+                            "with --lookup: the module idle)")
+    if width == 1 and not lookup:
         return
+    flag = f"--draft-width {width}" if not lookup else f"--lookup {lookup}"
     problem = ("it applies to mode verify only" if mode != "verify" else
-               "it needs --draft-len 1 (a tree of depth 1)" if draft_len != 1 else
+               "it needs --draft-len 1 (a tree below one full-model token)" if draft_len != 1 else
                "it decodes one prompt at a time (batch 1)" if batch != 1 else None)
     if problem:
-        raise DecodingError(f"--draft-width {width}: {problem}; or use --draft-width 1")
+        raise DecodingError(f"{flag}: {problem}; or leave it out" if lookup else
+                            f"{flag}: {problem}; or use --draft-width 1")
 
 
 def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft_vocab=None) -> AutoDraftLen:
@@ -157,10 +165,12 @@ def auto_policy(model, prompt: list[int], max_new_tokens: int, max_k: int, draft
 
 
 def generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64, eos_id: int | None = None,
-             *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None, draft_width: int = 1) -> Generation:
+             *, draft_len=1, sampling: Sampling = GREEDY, draft_vocab=None, draft_width: int = 1,
+             lookup: int = 0) -> Generation:
     """Continue one prompt (list of ids, or a [P] / [1, P] tensor); see generate_batch."""
     return generate_batch(model, [_prompt_list(prompt_ids)], mode, max_new_tokens, eos_id, draft_len=draft_len,
-                          sampling=sampling, draft_vocab=draft_vocab, draft_width=draft_width).rows[0]
+                          sampling=sampling, draft_vocab=draft_vocab, draft_width=draft_width,
+                          lookup=lookup).rows[0]
 
 
 def greedy_generate(model, prompt_ids, mode: str = "standard", max_new_tokens: int = 64,

@@ -1,7 +1,8 @@
 """Text generation in one of the decoding modes (DESIGN.md §2, §4).
 
     python -m inference.generate --model RUN_DIR|HF_DIR --prompt TEXT --mode standard|recycle|verify
-        [--draft-len K|auto] [--draft-width W] [--temperature T --top-p P --top-k K --seed S] [--draft-vocab FILE]
+        [--draft-len K|auto] [--draft-width W] [--lookup L] [--temperature T --top-p P --top-k K --seed S]
+        [--draft-vocab FILE]
     python -m inference.generate --model DIR --batch-file prompts.txt --mode verify     # one prompt per line
     python -m inference.generate --preset 125m --random-init --prompt TEXT --mode verify
     torchrun --nproc-per-node 2 -m inference.generate --model RUN_DIR --tp 2 --prompt TEXT --mode verify
@@ -17,8 +18,8 @@ import sys
 from pathlib import Path
 
 from inference.cli import (OneLineArgumentParser, UsageError, add_decoding_args, add_model_args, check_draft_width,
-                           check_model_args, model_from_args, parse_draft_len, parse_draft_widths, run_main,
-                           sampling_from_args)
+                           check_model_args, model_from_args, parse_draft_len, parse_draft_widths, parse_lookups,
+                           run_main, sampling_from_args)
 from inference.decoding import MODES
 from inference.draft_vocab import load_draft_vocab
 
@@ -41,7 +42,9 @@ def stats_line(stats) -> str:
             f"{stats.full_forwards} full forwards (tau {stats.tau:.2f}), {stats.module_forwards} module forwards")
     if stats.acceptance_rate is not None:
         line += f", acceptance {100 * stats.acceptance_rate:.0f}% of {stats.proposed} (draft length {stats.draft_len}"
-        line += f", width {stats.draft_width})" if stats.draft_width > 1 else ")"
+        tree = [f"width {stats.draft_width}"] if stats.draft_width != 1 else []
+        tree += [f"lookup {stats.lookup}"] if stats.lookup else []
+        line += "".join(f", {part}" for part in tree) + ")"
     if stats.batch_size > 1:
         line += f"; batch of {stats.batch_size}"
     return line
@@ -78,8 +81,11 @@ def _main(argv, text_out) -> int:
     widths = parse_draft_widths(args.draft_width)
     if len(widths) > 1:
         raise UsageError(f"--draft-width {args.draft_width}: give one width here (the benchmark compares several)")
-    args.draft_width = widths[0]                                            # parsed once: an int from here on
-    check_draft_width(args.draft_width, args.mode, draft_len, len(texts))
+    lookups = parse_lookups(args.lookup)
+    if len(lookups) > 1:
+        raise UsageError(f"--lookup {args.lookup}: give one length here (the benchmark compares several)")
+    args.draft_width, args.lookup = widths[0], lookups[0]                    # parsed once: ints from here on
+    check_draft_width(args.draft_width, args.mode, draft_len, len(texts), args.lookup)
     check_model_args(args)
 
     from inference import tp_loading
@@ -108,7 +114,7 @@ def generate(args, model, tokenizer, texts, draft_len, sampling, text_out) -> in
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     out = generate_batch(model, prompts, args.mode, args.max_new_tokens, eos_id=eos, draft_len=draft_len,
                          sampling=sampling, draft_vocab=load_draft_vocab(args, model),
-                         max_auto_draft_len=args.max_draft_len, draft_width=args.draft_width)
+                         max_auto_draft_len=args.max_draft_len, draft_width=args.draft_width, lookup=args.lookup)
     if not tp_loading.is_rank0():
         return 0
     blocks = [tokenizer.decode(p + row.tokens, skip_special_tokens=True) for p, row in zip(prompts, out.rows)]

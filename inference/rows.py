@@ -25,6 +25,7 @@ class DecodeStats:
     prefill_seconds: float = 0.0   # up to and including the first new token
     draft_len: int = 1
     draft_width: int = 1       # candidates verified side by side for the first drafted token (inference/tree_verify.py)
+    lookup: int = 0            # most tokens copied from earlier in the text per cycle (inference/lookup.py)
     temperature: float = 0.0
     batch_size: int = 1
     draft_lens_used: dict | None = None   # --draft-len auto: cycles per k

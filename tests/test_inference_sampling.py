@@ -20,6 +20,7 @@ V = 6
 CFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=64,
                   max_seq_len=16, recycle_layers=1)
 PROMPT = [1, 4, 2]
+LOOKUP_PROMPT = [3, 3, 3]      # a repeated token: copies from the prompt are proposed, and drawn about half the time
 N_TOKENS = 3
 
 
@@ -31,14 +32,14 @@ def model():
     return random_model(0, CFG, std=0.3)
 
 
-def exact_distribution(model, sampling: Sampling) -> dict[tuple, float]:
+def exact_distribution(model, sampling: Sampling, prompt=PROMPT) -> dict[tuple, float]:
     """P(x_1 .. x_3 | prompt) under `standard` sampling, by enumeration with from-scratch forwards."""
     sampler = Sampler(sampling, "cpu")
     out = {}
     with torch.no_grad():
         for seq in itertools.product(range(V), repeat=N_TOKENS):
-            ids = torch.tensor([PROMPT + list(seq)])
-            probs = sampler.probs(model.logits(model.hidden(ids)[0, len(PROMPT) - 1:-1]))
+            ids = torch.tensor([prompt + list(seq)])
+            probs = sampler.probs(model.logits(model.hidden(ids)[0, len(prompt) - 1:-1]))
             out[seq] = float(torch.prod(probs[torch.arange(N_TOKENS), torch.tensor(seq)]))
     return out
 
@@ -98,17 +99,21 @@ def test_sampled_distribution_equals_standard_sampling(model, case, sampling):
 
 @pytest.mark.parametrize("sampling", [Sampling(temperature=1.0, seed=21), Sampling(temperature=0.7, top_k=4,
                                                                                   top_p=0.9, seed=22)])
-def test_wider_drafts_sample_the_standard_distribution(sampling):
-    """verify --draft-width 2 (inference/tree_verify.py) is batch 1: one seeded call per sample. A module that
-    is often right (mirror_module) makes the branch after a hit run often: a token after a hit drawn from the
-    wrong position's distribution, or a hit kept greedily, is rejected with p < 1e-10 (checked at T = 1)."""
+@pytest.mark.parametrize("width, lookup", [(2, 0), (0, 2), (1, 2)], ids=["width", "lookup", "both"])
+def test_token_trees_sample_the_standard_distribution(sampling, width, lookup):
+    """verify --draft-width 2 and --lookup 2 (inference/tree_verify.py) are batch 1: one seeded call per sample.
+    A module that is often right (mirror_module) makes the branch after a hit run often, and a 6-token
+    vocabulary makes copies from the prompt frequent: a token after a hit drawn from the wrong position's
+    distribution, or a hit kept greedily, is rejected with p < 1e-10 (checked at T = 1)."""
     model = mirror_module(random_model(0, CFG, std=0.3))
+    prompt = LOOKUP_PROMPT if lookup else PROMPT
     n, hits, cycles, counts = 3000, 0, 0, {}
     for i in range(n):
-        row = generate(model, PROMPT, "verify", N_TOKENS, draft_width=2, sampling=replace(sampling, seed=i))
+        row = generate(model, prompt, "verify", N_TOKENS, draft_width=width, lookup=lookup,
+                       sampling=replace(sampling, seed=i))
         counts[tuple(row.tokens)] = counts.get(tuple(row.tokens), 0) + 1
         hits, cycles = hits + row.stats.accepted, cycles + row.stats.proposed
-    p_value = chi_square_p_value(counts, exact_distribution(model, sampling), n)
+    p_value = chi_square_p_value(counts, exact_distribution(model, sampling, prompt), n)
     assert p_value > 1e-3, p_value
     assert 0.05 < hits / cycles < 0.97, hits / cycles       # both branches ran: draws on and off the candidates
 
