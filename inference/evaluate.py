@@ -2,6 +2,7 @@
 
     python -m inference.evaluate --model DIR --input FILE_OR_PREFIX... --output FILE.json \
         [--prompts N] [--prompt-len P] [--new-tokens T] [--tokens N] [--window W] [--draft-vocab FILE|none]
+        [--draft-len K] [--draft-width W --lookup L]
 
 --input: raw text in any format `data_prep.tokenize` reads (tokenized here with the model's tokenizer), or a
 tokenized PREFIX (PREFIX.bin + PREFIX.idx from data_prep.tokenize, same tokenizer as the model).
@@ -18,7 +19,9 @@ Decoded, on --prompts prompts of --prompt-len tokens drawn from the text, --new-
     tau_measured        verify's new tokens / full forwards (prefill included), over all prompts
     recycle_nll_gap     the full model's mean NLL of `recycle` continuations minus that of `standard` ones
     recycle_agreement   fraction of positions where the recycle continuation equals the standard one
-and tokens/s per mode. The module's token is its top-1 over the draft vocabulary that decoding uses (the model
+and tokens/s per mode. With --draft-width W != 1 or --lookup L > 0, a fourth entry `verify_tree` decodes the
+same prompts through that token tree (inference/tree_verify.py): `tree_tau_measured`, `tree_identical`. The
+module's token is its top-1 over the draft vocabulary that decoding uses (the model
 directory's own draft_vocab.safetensors unless --draft-vocab says otherwise; `draft_vocab_size` in the JSON,
 0 = the whole vocabulary). Writes FILE.json and FILE.png (accuracy by position, tau per prompt).
 """
@@ -30,8 +33,8 @@ import os
 import sys
 from pathlib import Path
 
-from inference.cli import (OneLineArgumentParser, UsageError, add_draft_vocab_arg, add_model_args, check_model_args,
-                           model_from_args, resolve_draft_vocab, run_main)
+from inference.cli import (OneLineArgumentParser, UsageError, add_draft_vocab_arg, add_model_args, check_draft_width,
+                           check_model_args, model_from_args, resolve_draft_vocab, run_main)
 
 BUCKETS = (0, 8, 32, 128, 512, 2048)    # position-in-window bucket edges (lower bounds)
 WIDTHS = (1, 2, 4, 8)                    # --draft-width values whose acceptance the JSON reports
@@ -49,6 +52,10 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--tokens", type=int, default=16384, help="teacher-forced tokens scored (default 16384)")
     p.add_argument("--window", type=int, default=256, help="teacher-forced window length (default 256)")
     p.add_argument("--draft-len", type=int, default=1, help="tokens the module drafts per verify cycle (default 1)")
+    p.add_argument("--draft-width", type=int, default=1, metavar="W", help="with --lookup, or W > 1: also decode "
+                   "through a token tree of the module's top W tokens (entry verify_tree)")
+    p.add_argument("--lookup", type=int, default=0, metavar="L", help="... and up to L tokens copied from earlier "
+                   "in the text (inference/lookup.py)")
     add_draft_vocab_arg(p)
     return p
 
@@ -58,6 +65,7 @@ def check_args(args):
     for name in ("prompts", "prompt_len", "new_tokens", "tokens", "window", "draft_len"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    check_draft_width(args.draft_width, "verify", 1, 1, args.lookup)
     if args.window < 3:
         raise UsageError(f"--window={args.window} must be >= 3 (the module predicts two positions ahead)")
     for item in args.input:
@@ -201,17 +209,23 @@ def predicted_tau(acceptance: float, draft_len: int) -> float:
     return sum(acceptance ** j for j in range(draft_len + 1))
 
 
-def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len: int = 1, draft_vocab=None) -> dict:
-    """Every prompt in standard, recycle and verify (mode order rotated per prompt, EOS ignored)."""
+def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len: int = 1, draft_vocab=None,
+            tree: tuple[int, int] = (1, 0)) -> dict:
+    """Every prompt in standard, recycle and verify, and through the token tree `tree` = (width, lookup) unless it
+    is (1, 0) (entry order rotated per prompt, EOS ignored)."""
     from inference.decoding import MODES, generate
 
     modes = MODES if model.recycle is not None else ("standard",)
+    if model.recycle is not None and tree != (1, 0):
+        modes += ("verify_tree",)
     runs = {m: [] for m in modes}
     generate(model, prompts[0], "standard", 4)                # warm-up: first-call costs out of the figures
     for n, prompt in enumerate(prompts):
         for m in modes[n % len(modes):] + modes[:n % len(modes)]:
-            runs[m].append(generate(model, prompt, m, new_tokens, draft_len=draft_len if m == "verify" else 1,
-                                    draft_vocab=draft_vocab))
+            width, lookup = tree if m == "verify_tree" else (1, 0)
+            runs[m].append(generate(model, prompt, m.removesuffix("_tree"), new_tokens,
+                                    draft_len=draft_len if m == "verify" else 1, draft_vocab=draft_vocab,
+                                    draft_width=width, lookup=lookup))
     out = {"tokens_per_s": {m: sum(g.stats.new_tokens for g in gens) / sum(g.stats.seconds for g in gens)
                             for m, gens in runs.items()}}
     if model.recycle is None:
@@ -222,6 +236,11 @@ def decoded(model, prompts: list[list[int]], new_tokens: int, device, draft_len:
     out["tau_measured"] = sum(g.stats.new_tokens for g in ver) / sum(g.stats.full_forwards for g in ver)
     proposed = sum(g.stats.proposed for g in ver)
     out["verify_acceptance"] = sum(g.stats.accepted for g in ver) / proposed if proposed else None
+    if "verify_tree" in runs:
+        trees = runs["verify_tree"]
+        out["tree"] = {"draft_width": tree[0], "lookup": tree[1]}
+        out["tree_identical"] = sum(t.tokens == s.tokens for t, s in zip(trees, std)) / len(std)
+        out["tree_tau_measured"] = sum(g.stats.new_tokens for g in trees) / sum(g.stats.full_forwards for g in trees)
     nll_std = [continuation_nll(model, p, g.tokens, device) for p, g in zip(prompts, std)]
     nll_rec = [continuation_nll(model, p, g.tokens, device) for p, g in zip(prompts, rec)]
     out["standard_nll"] = sum(nll_std) / len(nll_std)
@@ -283,7 +302,7 @@ def evaluate(args) -> dict:
     result["tau_predicted"] = predicted_tau(acceptance, args.draft_len) if acceptance is not None else None
     prompts = prompts_from(docs, args.prompts, args.prompt_len)
     print(f"decoding {len(prompts)} prompts x {args.new_tokens} tokens per mode", file=sys.stderr, flush=True)
-    dec = decoded(model, prompts, args.new_tokens, device, args.draft_len, draft_vocab)
+    dec = decoded(model, prompts, args.new_tokens, device, args.draft_len, draft_vocab, (args.draft_width, args.lookup))
     runs = dec.pop("_runs", None)
     result.update({"tau_measured": None, "recycle_nll_gap": None, "recycle_agreement": None})
     result.update(dec)

@@ -10,7 +10,7 @@
 4. python -m pretrain.train on the imported run: only the module trains (a rerun resumes, or does nothing
    when train.steps are done)
 5. python -m inference.evaluate on Brown -> runs/smollm2-recycle/eval.json (+ .png), then a summary with
-   standard / recycle / verify text and speed side by side.
+   standard / recycle / verify / verify_tree (verify --draft-width 2 --lookup 4) text and speed side by side.
 
 Each stage is the user-facing command run as a subprocess, so the output shows exactly what a user runs.
 It sits above pretrain/ and inference/ (it drives both), which is why it is a script.
@@ -29,6 +29,9 @@ from pathlib import Path
 import yaml
 
 HF_DIR = Path("data/real/smollm2-135m")
+# The lossless token tree the evaluation decodes beside verify: the module's top 2 and up to 4 copied tokens, the
+# fastest on SmolLM2 + the v7 module (docs/inference.md, "Copies from the text").
+TREE = (2, 4)
 # A run's time between training steps (evaluations every 100 steps, checkpoints every 200), as a share of it.
 BETWEEN_STEPS = 0.05
 CORPORA = {"sotu": "assets/corpus/sotu.jsonl.zst", "brown": "assets/corpus/brown.jsonl.zst"}
@@ -106,15 +109,18 @@ def summary(result: dict):
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print("\n=== SmolLM2-135M-Instruct + recyclable module, held-out Brown text ===")
     for key in ("base_ppl", "acceptance_rate", "module_corpus_accuracy", "tau_predicted", "tau_measured",
-                "recycle_nll_gap", "recycle_agreement", "verify_identical"):
+                "recycle_nll_gap", "recycle_agreement", "verify_identical", "tree_tau_measured", "tree_identical"):
         print(f"{key:>24}: {fmt(result.get(key))}")
     speeds = result.get("tokens_per_s", {})
     base = speeds.get("standard")
-    print("\n  mode       tokens/s   vs standard   continuation of the first prompt")
+    tree = result.get("tree")
+    if tree:
+        print(f"  (verify_tree: verify --draft-width {tree['draft_width']} --lookup {tree['lookup']}, lossless)")
+    print("\n  mode         tokens/s   vs standard   continuation of the first prompt")
     samples = result.get("samples", {})
     for mode, tps in speeds.items():
         text = samples.get(mode, "").replace("\n", " ")[:70]
-        print(f"  {mode:<9} {tps:9.1f}   {tps / base:10.2f}x   {text!r}")
+        print(f"  {mode:<11} {tps:9.1f}   {tps / base:10.2f}x   {text!r}")
     if samples:
         print(f"\n  prompt: {samples['prompt'][-120:]!r}")
 
@@ -145,7 +151,8 @@ def main(argv=None) -> int:
     latest = run_dir / "checkpoints" / "latest"
     if not out.is_file() or (latest.is_file() and latest.stat().st_mtime > out.stat().st_mtime):
         run(python("-m", "inference.evaluate", "--model", str(run_dir), "--input", held_out, "--output", str(out),
-                   "--prompts", "8", "--prompt-len", "64", "--new-tokens", "64", "--tokens", "16384"))
+                   "--prompts", "8", "--prompt-len", "64", "--new-tokens", "64", "--tokens", "16384",
+                   "--draft-width", str(TREE[0]), "--lookup", str(TREE[1])))
     summary(json.loads(out.read_text()))
     return 0
 

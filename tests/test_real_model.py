@@ -166,7 +166,8 @@ def test_evaluate_reports_and_matches_transformers_perplexity(trained, smollm2_d
     (tmp_path / "held_out.txt").write_text(text)
     out = tmp_path / "eval.json"
     cli("-m", "inference.evaluate", "--model", str(run), "--input", str(tmp_path / "held_out.txt"), "--output",
-        str(out), "--tokens", "96", "--window", "96", "--prompts", "2", "--prompt-len", "16", "--new-tokens", "6")
+        str(out), "--tokens", "96", "--window", "96", "--prompts", "2", "--prompt-len", "16", "--new-tokens", "6",
+        "--draft-width", "2", "--lookup", "4")
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     # Base perplexity, recomputed with transformers on the source folder over the same first window.
@@ -175,6 +176,9 @@ def test_evaluate_reports_and_matches_transformers_perplexity(trained, smollm2_d
     assert result["tokens_scored"] == 95
     assert result["base_ppl"] == pytest.approx(math.exp(nll), rel=1e-3)
     assert result["verify_identical"] == 1.0                  # lossless, whatever the module's quality
+    assert result["tree_identical"] == 1.0 and result["tree"] == {"draft_width": 2, "lookup": 4}
+    assert 1 <= result["tree_tau_measured"] <= 6 and set(result["tokens_per_s"]) == {"standard", "recycle", "verify",
+                                                                                      "verify_tree"}
     assert 0 <= result["acceptance_rate"] <= 1 and 1 <= result["tau_measured"] <= 2
     assert sum(b["count"] for b in result["accuracy_by_position"]) == 94
 
