@@ -66,9 +66,9 @@ def run_configs(args, configs: list[tuple[float, int]], extra: list[str]) -> lis
 
 
 def table(reports: list[dict]) -> str:
-    lines = ["| T | batch | entry | k | W | L | draft vocab | tokens/s | speedup (best) | predicted | tau "
+    lines = ["| T | batch | entry | k | W | L | draft vocab | tokens/s | speedup (best) | total | predicted | tau "
              "| acceptance |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rep in reports:
         for name, r in rep["modes"].items():
             acc = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f} %"
@@ -77,7 +77,7 @@ def table(reports: list[dict]) -> str:
                        else ("-", "-", "-"))
             lines.append(f"| {rep['temperature']} | {rep['batch_size']} | {name} | {k} | {w} | {n} | "
                          f"{'yes' if r['draft_vocab'] else 'no'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
-                         f"({r['speedup_best']:.2f}x) | {pred} | {r['tau']:.2f} | {acc} |")
+                         f"({r['speedup_best']:.2f}x) | {r['speedup_total']:.2f}x | {pred} | {r['tau']:.2f} | {acc} |")
     return "\n".join(lines)
 
 
