@@ -45,12 +45,12 @@ def top_tokens(model, g: torch.Tensor, width: int, draft_vocab=None) -> torch.Te
     return top if draft_vocab is None else draft_vocab.to_full(top)
 
 
-def draft_tree(first: list[int], chain: list[int]) -> tuple[list[int], list[int]]:
-    """Tokens and parents of the tree below x_n (index 0, parent -1): the module's candidates `first` at depth 1,
+def draft_tree(root: int, first: list[int], chain: list[int]) -> tuple[list[int], list[int]]:
+    """Tokens and parents of the tree: x_n = `root` (index 0, parent -1), the module's candidates `first` below it,
     then the lookup `chain`, continuing the candidate it starts with or as a branch of its own."""
-    tokens, parents = [-1] + first, [-1] + [0] * len(first)
+    tokens, parents = [root] + first, [-1] + [0] * len(first)
     if chain:
-        node = tokens.index(chain[0]) if chain[0] in first else None
+        node = 1 + first.index(chain[0]) if chain[0] in first else None
         for token in chain if node is None else chain[1:]:
             tokens.append(token)
             parents.append(0 if node is None else node)
@@ -91,10 +91,9 @@ def decode_verify_tree(model, rows: Rows, caches, width: int, lookup: int, draft
         text = verified_texts(rows)[0]
         n = len(text) - 1                                           # the position of `last`
         first = top_tokens(model, depths.state_at(1, [n - 1])[0], width, draft_vocab).tolist() if depths else []
-        # Never past the token budget: the deepest node sits at n + depth, and positions past it have no rotary table.
+        # A copy never reaches past the token budget (the deepest node sits at n + its length; emitted: that + 1).
         chain = copier.propose(text, rows.remaining(0) - 1) if copier else []
-        tokens, parents = draft_tree(first, chain)
-        tokens[0] = text[-1]
+        tokens, parents = draft_tree(text[-1], first, chain)
         h = model.tree_step(rows.tensor([tokens]), base_cache, parents)
         rows.count_full_forward()
         forwards += 1

@@ -33,9 +33,10 @@ def test_lookup_copies_what_followed_the_longest_most_recent_match():
 
 
 def test_the_tree_hangs_the_copy_below_the_candidate_it_starts_with():
-    assert draft_tree([7, 8], [8, 3, 4]) == ([-1, 7, 8, 3, 4], [-1, 0, 0, 2, 3])
-    assert draft_tree([7, 8], [5, 3]) == ([-1, 7, 8, 5, 3], [-1, 0, 0, 0, 3])
-    assert draft_tree([], [5, 3]) == ([-1, 5, 3], [-1, 0, 1])
+    assert draft_tree(9, [7, 8], [8, 3, 4]) == ([9, 7, 8, 3, 4], [-1, 0, 0, 2, 3])
+    assert draft_tree(9, [7, 8], [5, 3]) == ([9, 7, 8, 5, 3], [-1, 0, 0, 0, 3])
+    assert draft_tree(9, [], [5, 3]) == ([9, 5, 3], [-1, 0, 1])
+    assert draft_tree(9, [7], [9, 9]) == ([9, 7, 9, 9], [-1, 0, 0, 2])        # the root's token is no candidate
     full_model = {0: 8, 2: 3, 3: 9}                                         # its token after each node
     assert accepted_path([-1, 7, 8, 3, 4], [-1, 0, 0, 2, 3], full_model.get) == ([2, 3], [8, 3, 9])
     assert accepted_path([-1, 7], [-1, 0], {0: 2}.get) == ([], [2])
