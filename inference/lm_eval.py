@@ -7,7 +7,9 @@ This is lm-eval's own command line; importing this file registers the model firs
 HF_DIR, as for inference.generate. `generate_until` requests decode through the chosen mode (greedy), so
 the lossy `recycle` mode's cost shows on real benchmarks; `loglikelihood` requests score with the full
 model (the module plays no part in a likelihood). Extra model_args: dtype=fp32|bf16, device=cpu|cuda,
-draft_len=K (verify), max_length=N (context; default the model's), draft_vocab=FILE|none (the module's token
+draft_len=K (verify), draft_width=W and lookup=L (verify's lossless token tree: the module's top W tokens and up
+to L tokens copied from the text, as inference.generate's flags), max_length=N (context; default the model's),
+draft_vocab=FILE|none (the module's token
 over a draft vocabulary in recycle and verify; default: DIR/draft_vocab.safetensors if there is one),
 weight_layout=auto|row|column|packed (as inference.generate's --weight-layout; auto: packed for fp32 on a CPU).
 Needs the optional extra: pip install -e ".[eval]".
@@ -26,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from inference.cli import resolve_draft_vocab
-from inference.decoding import MODES, generate
+from inference.decoding import MODES, DecodingError, check_width, generate
 from inference.draft_vocab import load_draft_vocab
 from inference import weight_layout as layouts
 from inference.loading import ModelLoadError, load_model_dir, parse_dtype
@@ -39,10 +41,15 @@ from inference.loading import ModelLoadError, load_model_dir, parse_dtype
 class RecycleGPTLM(TemplateLM):
     def __init__(self, pretrained: str, mode: str = "standard", dtype: str = "fp32", device: str = "cpu",
                  draft_len: int = 1, max_length: int | None = None, batch_size=1, draft_vocab: str | None = None,
-                 weight_layout: str = "auto", **unused):
+                 weight_layout: str = "auto", draft_width: int = 1, lookup: int = 0, **unused):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; valid: {', '.join(MODES)}")
+        self.draft_width, self.lookup = int(draft_width), int(lookup)
+        try:                  # one prompt at a time here, so batch 1
+            check_width(self.draft_width, mode, int(draft_len), 1, self.lookup)
+        except DecodingError as err:
+            raise ValueError(f"model_args draft_width={draft_width},lookup={lookup}: {err}") from None
         torch_dtype = parse_dtype(dtype)
         self.model, self.tokenizer = load_model_dir(pretrained, torch_dtype, torch.device(device))
         if self.tokenizer is None:
@@ -108,7 +115,7 @@ class RecycleGPTLM(TemplateLM):
             room = self.max_length - max_new - self.draft_len - 2
             prompt = self.tok_encode(context)[-max(room, 1):]
             gen = generate(self.model, prompt, self.mode, max_new, self.eot_token_id, draft_len=self.draft_len,
-                           draft_vocab=self.draft_vocab)
+                           draft_vocab=self.draft_vocab, draft_width=self.draft_width, lookup=self.lookup)
             text = self.tok_decode([t for t in gen.tokens if t != self.eot_token_id])
             for stop in until:
                 if stop and stop in text:

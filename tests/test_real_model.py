@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,6 +245,23 @@ def test_lm_eval_model_stores_weights_like_inference_generate(tmp_path):
     assert layout_of(auto.model) == "packed" and layout_of(row.model) == "row"
     torch.testing.assert_close(auto.model.lm_head.weight, row.model.lm_head.weight, rtol=0, atol=0)
     assert auto._score([1, 2, 3], [4, 5])[0] == pytest.approx(row._score([1, 2, 3], [4, 5])[0], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_lm_eval_model_takes_the_token_tree_flags(trained, monkeypatch):
+    """draft_width / lookup reach verify's token tree (same text as standard), and what the tree does not do
+    is one ValueError naming the model_args."""
+    import inference.lm_eval as ours
+
+    folder, _ = trained
+    calls, decode = [], ours.generate
+    monkeypatch.setattr(ours, "generate", lambda *a, **kw: calls.append(kw) or decode(*a, **kw))
+    request = SimpleNamespace(args=("one two three one two three one two", {"until": ["\n\n"], "max_gen_toks": 12}))
+    tree = ours.RecycleGPTLM(str(folder), mode="verify", draft_width=2, lookup=4).generate_until([request], True)
+    assert (calls[-1]["draft_width"], calls[-1]["lookup"]) == (2, 4)
+    assert tree == ours.RecycleGPTLM(str(folder), mode="standard").generate_until([request], True)
+    with pytest.raises(ValueError, match="model_args draft_width=1,lookup=4: --lookup 4: it applies to mode verify"):
+        ours.RecycleGPTLM(str(folder), mode="recycle", lookup=4)
 
 
 def test_registering_recyclegpt_keeps_lm_evals_own_models():
