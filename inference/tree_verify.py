@@ -35,6 +35,7 @@ import torch
 from inference.drafting import DraftDepths, verified_texts
 from inference.lookup import PromptLookup
 from inference.rows import Rows, prefill
+from model.gpt import tree_depths
 
 
 def top_tokens(model, g: torch.Tensor, width: int, draft_vocab=None) -> torch.Tensor:
@@ -99,7 +100,7 @@ def decode_verify_tree(model, rows: Rows, caches, width: int, lookup: int, draft
         forwards += 1
         logits = model.logits(h[0])                                 # row j: the full model's next token after node j
         path, emitted = accepted_path(tokens, parents, lambda j: int(rows.sampler.choose(logits[j:j + 1])[0]))
-        stats.proposed += max(depth_of(parents))
+        stats.proposed += max(tree_depths(parents))
         stats.accepted += len(path)
         for token in emitted:
             if rows.emit(0, token):
@@ -114,10 +115,3 @@ def decode_verify_tree(model, rows: Rows, caches, width: int, lookup: int, draft
             depths.catch_up(verified_texts(rows), [True])
     return forwards
 
-
-def depth_of(parents: list[int]) -> list[int]:
-    """Each node's depth below the root (the root: 0)."""
-    depth = []
-    for parent in parents:
-        depth.append(0 if parent < 0 else depth[parent] + 1)
-    return depth

@@ -40,6 +40,16 @@ def init_parameter(cfg: ModelConfig, name: str, p: torch.Tensor, generator: torc
         p.normal_(0.0, std, generator=generator)
 
 
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each token's depth in a token tree given its parent's index (-1: below the cache, depth 0)."""
+    depth = []
+    for parent in parents:
+        if not -1 <= parent < len(depth):
+            raise ValueError(f"tree parents {parents}: each must be -1 or an earlier token's index")
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+    return depth
+
+
 class RecycleGPT(nn.Module):
     def __init__(self, cfg: ModelConfig, spec=None):
         super().__init__()
@@ -145,11 +155,7 @@ class RecycleGPT(nn.Module):
         new token parents[j] (-1: the last cached one); it sits one position after its parent and attends to the
         cache and its own ancestors only. Writes slots length .. length+T-1 in token order (the caller keeps one
         branch: KVCache.move_slot, rollback). One cache length for all rows."""
-        depth = []
-        for parent in parents:
-            if not -1 <= parent < len(depth):
-                raise ValueError(f"tree parents {parents}: each must be -1 or an earlier token's index")
-            depth.append(0 if parent < 0 else depth[parent] + 1)
+        depth = tree_depths(parents)
         past, T = cache.length, len(parents)
         see = torch.zeros(T, past + T, dtype=torch.bool, device=input_ids.device)
         see[:, :past] = True

@@ -71,3 +71,19 @@ def corpus_docs(name="sotu", limit=None):
             if limit is not None and i >= limit:
                 return
             yield json.loads(line)["text"]
+
+
+def tiny_benchmark(out: Path, *flags: str, repeats: int = 1) -> dict:
+    """inference.benchmark on the random-init tiny preset (prompt 8, 9 new tokens, one thread) writing `out`;
+    returns the report. Torch's thread count is restored afterwards (the benchmark's --threads sets it)."""
+    import torch
+
+    from inference import benchmark
+
+    before = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
+                               "--repeats", str(repeats), "--threads", "1", *flags, "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return json.loads(Path(out).read_text())

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import inference.decoding
-from inference import benchmark
 from inference.decoding import generate_batch, greedy_generate
 from model import ModelConfig, RecycleGPT
+from tests.helpers import tiny_benchmark
 from tests.test_inference_decoding import mirror_module, random_model
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -102,10 +102,7 @@ def test_benchmark_reports_counted_forwards(tmp_path, monkeypatch):
             current[0] = None
     monkeypatch.setattr(inference.decoding, "generate_batch", tagged)
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
-                           "--repeats", "2", "--threads", "1", "--output", str(out)]) == 0
-    import json
-    report = json.loads(out.read_text())
+    report = tiny_benchmark(out, repeats=2)
     for mode in ("standard", "recycle", "verify"):
         entry = report["modes"][mode]
         assert entry["full_forwards"] == calls[(mode, 9, "full")] / 2, mode

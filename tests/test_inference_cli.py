@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference import benchmark
 from inference.decoding import greedy_generate
 from inference.loading import load_model_dir
 from model import ModelConfig, RecycleGPT
+from tests.helpers import tiny_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,13 +60,7 @@ def test_generate_runs_on_a_random_preset():
 
 def test_benchmark_writes_json_and_png(tmp_path):
     out = tmp_path / "bench.json"
-    before = torch.get_num_threads()
-    try:
-        assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
-                               "--repeats", "1", "--threads", "1", "--output", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    report = json.loads(out.read_text())
+    report = tiny_benchmark(out)
     assert set(report["modes"]) == {"standard", "recycle", "verify"}
     assert report["modes"]["standard"]["full_forwards"] == 9
     assert report["modes"]["recycle"]["full_forwards"] == 5
@@ -76,16 +70,8 @@ def test_benchmark_writes_json_and_png(tmp_path):
 
 
 def test_benchmark_draft_lens_batch_and_sampling(tmp_path):
-    out = tmp_path / "bench.json"
-    before = torch.get_num_threads()
-    try:
-        assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
-                               "--repeats", "2", "--threads", "1", "--modes", "standard,verify", "--draft-len",
-                               "1,3,auto", "--max-draft-len", "2", "--batch-size", "2", "--temperature", "0.7",
-                               "--output", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    report = json.loads(out.read_text())
+    report = tiny_benchmark(tmp_path / "bench.json", "--modes", "standard,verify", "--draft-len", "1,3,auto",
+                            "--max-draft-len", "2", "--batch-size", "2", "--temperature", "0.7", repeats=2)
     modes = report["modes"]
     assert set(modes) == {"standard", "verify_k1", "verify_k3", "verify_auto"}
     assert [modes[m]["draft_len"] for m in ("verify_k1", "verify_k3")] == [1, 3]

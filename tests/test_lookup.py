@@ -2,8 +2,6 @@
 join the module's candidates in one token tree. What it proposes; lossless against `standard` with and without
 the module, deep accepted runs included; the flags refuse what it does not do. Sampling:
 tests/test_inference_sampling.py."""
-import json
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from inference.lookup import PromptLookup
 from inference.rows import Rows
 from inference.sampling import GREEDY, Sampler
 from inference.tree_verify import accepted_path, decode_verify_tree, draft_tree
+from tests.helpers import tiny_benchmark
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,11 +144,8 @@ def _two_prompts(tmp_path):
 
 
 def test_benchmark_reports_each_lookup(tmp_path):
-    out = tmp_path / "bench.json"
-    assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
-                           "--repeats", "1", "--threads", "1", "--modes", "standard,verify", "--draft-width", "0,1,2",
-                           "--lookup", "0,3", "--output", str(out)]) == 0
-    modes = json.loads(out.read_text())["modes"]
+    modes = tiny_benchmark(tmp_path / "bench.json", "--modes", "standard,verify", "--draft-width", "0,1,2",
+                           "--lookup", "0,3")["modes"]
     assert set(modes) == {"standard", "verify", "verify_l3", "verify_w0_l3", "verify_w2", "verify_w2_l3"}
     assert [(modes[n]["draft_width"], modes[n]["lookup"]) for n in ("verify_w0_l3", "verify_w2_l3")] == [(0, 3), (2, 3)]
     assert all(modes[n]["identical_to_standard"] for n in modes if n != "standard")

@@ -2,8 +2,6 @@
 tree-attention forward (`GPT.tree_step`). Lossless against `standard`, more drafts accepted than W = 1, and
 the flags refuse what it does not do (batches, deeper drafts, other modes) with one line. Sampling:
 tests/test_inference_sampling.py."""
-import json
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from inference import benchmark
 from inference.cli import UsageError, check_draft_width, parse_draft_widths
 from inference.decoding import DecodingError, generate, generate_batch
 from model.draft_vocab import DraftVocab
+from tests.helpers import tiny_benchmark
 from tests.test_inference_decoding import PROMPTS, mirror_module, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,10 +108,7 @@ def test_width_flags_are_checked_before_loading():
 
 def test_benchmark_reports_each_width(tmp_path):
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--preset", "tiny", "--random-init", "--prompt-len", "8", "--new-tokens", "9",
-                           "--repeats", "1", "--threads", "1", "--modes", "standard,verify", "--draft-len", "1,2",
-                           "--draft-width", "1,3", "--output", str(out)]) == 0
-    modes = json.loads(out.read_text())["modes"]
+    modes = tiny_benchmark(out, "--modes", "standard,verify", "--draft-len", "1,2", "--draft-width", "1,3")["modes"]
     assert set(modes) == {"standard", "verify_k1", "verify_k1_w3", "verify_k2"}
     assert [modes[n]["draft_width"] for n in ("verify_k1", "verify_k1_w3", "verify_k2")] == [1, 3, 1]
     assert all(modes[n]["identical_to_standard"] for n in modes if n != "standard")
